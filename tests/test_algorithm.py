@@ -1,0 +1,139 @@
+"""The reference TCA: keep-all equals dense, prefix purity, sparse prefill == pruned decode, budget semantics."""
+import math
+
+import pytest
+import torch
+
+from sglang_tca.algorithm import (PrunedKVCache, TCAParams, block_keep_counts, block_scores, dense_start,
+                                  kept_fraction, masked_attention, neff, num_selectable_blocks, select, tca_attention,
+                                  thresholds_for_shares, visible)
+
+HQ, HKV, D = 6, 2, 16
+
+
+def rand_qkv(L, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(h, L, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+    return q, k * 2.0, v   # sharper scores so blocks differ in redundancy
+
+
+def thresholds_for(p: TCAParams, mode: str, seed=0):
+    kn = int(math.log2(p.block)) + 1
+    if mode == "keep_all":
+        return torch.full((HKV, kn - 1), -math.inf)
+    # heterogeneous, as calibration sets them: head 0 prunes hard, head 1 keeps more
+    q, k, _ = rand_qkv(400, seed=seed + 100)
+    nb = num_selectable_blocks(400, p)
+    shares = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.0, 0.2, 0.3, 0.5]], dtype=torch.float64)
+    return thresholds_for_shares(neff(block_scores(q, k, p, nb))[:, 1:], shares)
+
+
+def dense_causal(q, k, v):
+    L = k.shape[1]
+    mask = torch.ones(HKV, L, L, dtype=torch.bool).tril()
+    return masked_attention(q, k, v, mask, D ** -0.5)
+
+
+@pytest.mark.parametrize("scoring", ["block_last", "window"])
+def test_keep_all_equals_dense(scoring):
+    p = TCAParams(block=8, window=32, scoring=scoring)
+    q, k, v = rand_qkv(203)
+    out = tca_attention(q, k, v, thresholds_for(p, "keep_all"), p)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(HQ // HKV, 0), v.repeat_interleave(HQ // HKV, 0), is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scoring", ["block_last", "window"])
+def test_pruning_changes_output_and_keeps_less(scoring):
+    p = TCAParams(block=8, window=32, scoring=scoring)
+    q, k, v = rand_qkv(300, seed=1)
+    t = thresholds_for(p, "hetero")
+    keep, counts = select(q, k, t, p)
+    out = tca_attention(q, k, v, t, p)
+    assert (out - dense_causal(q, k, v)).abs().max() > 1e-3          # sparse is not dense
+    torch.testing.assert_close(out[:, :p.window + 2 * p.block - 1], dense_causal(q, k, v)[:, :p.window + 2 * p.block - 1])
+    frac = kept_fraction(counts, 300, p)
+    assert 0.2 < frac < 1.0
+    # heterogeneous budgets: head 1 (lower thresholds -> larger k) keeps more than head 0
+    assert counts[1, 1:].sum() > counts[0, 1:].sum()
+    # every compressed block keeps exactly its count, and counts are powers of two in [1, b]
+    nb = counts.shape[1]
+    per_block = keep[:, : nb * p.block].view(HKV, nb, p.block).sum(-1)
+    assert torch.equal(per_block, counts)
+    assert set(counts.unique().tolist()) <= {1, 2, 4, 8}
+
+
+def test_visible_structure():
+    """Brute force: query i sees the sink, the kept tokens of blocks that left the window, and a dense window of
+    between w and w + b - 1 tokens (all tokens while i is small)."""
+    p = TCAParams(block=8, window=32)
+    L = 150
+    keep = torch.rand(HKV, L, generator=torch.Generator().manual_seed(0)) < 0.3
+    vis = visible(keep, torch.arange(L), L, p)
+    for i in range(L):
+        n = i + 1
+        n_comp_blocks = max(0, (n - 32) // 8 - 1)         # blocks 1..n_comp_blocks have left the window
+        window = n - 8 * (1 + n_comp_blocks)
+        assert n_comp_blocks == 0 or 32 <= window < 40
+        for h in range(HKV):
+            want = [t for t in range(n) if t < 8 or t >= 8 * (1 + n_comp_blocks) or keep[h, t]]
+            assert vis[h, i].nonzero().flatten().tolist() == want
+
+
+@pytest.mark.parametrize("scoring", ["block_last", "window"])
+def test_prefix_purity(scoring):
+    """What a block keeps depends only on the prefix up to its compression: changing or extending the text after
+    that point never changes it, and outputs on the shared prefix are identical."""
+    p = TCAParams(block=8, window=32, scoring=scoring)
+    t = thresholds_for(p, "hetero")
+    q, k, v = rand_qkv(260, seed=2)
+    L1 = 181
+    keep1, c1 = select(q[:, :L1], k[:, :L1], t, p)
+    q2, k2, v2 = rand_qkv(260, seed=3)                               # a different continuation after L1
+    qx, kx, vx = (torch.cat([a[:, :L1], b[:, L1:]], 1) for a, b in ((q, q2), (k, k2), (v, v2)))
+    keep2, c2 = select(qx, kx, t, p)
+    n_comp = dense_start(L1, 8, 32)
+    assert torch.equal(keep1[:, :n_comp], keep2[:, :n_comp])
+    assert torch.equal(c1, c2[:, : c1.shape[1]])
+    torch.testing.assert_close(tca_attention(qx, kx, vx, t, p)[:, :L1], tca_attention(q[:, :L1], k[:, :L1], v[:, :L1], t, p),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scoring", ["block_last", "window"])
+def test_pruned_decode_equals_sparse_prefill(scoring):
+    """The physical pruned cache (drops tokens for good) gives the same outputs as masked sparse prefill, and what
+    it stores stays bounded by sink + kept + a tail of < w + b."""
+    p = TCAParams(block=8, window=32, scoring=scoring)
+    t = thresholds_for(p, "hetero")
+    q, k, v = rand_qkv(230, seed=4)
+    ref = tca_attention(q, k, v, t, p)
+    cache = PrunedKVCache(t, p, D ** -0.5)
+    outs = torch.stack([cache.step(q[:, i], k[:, i], v[:, i]) for i in range(230)], 1)
+    torch.testing.assert_close(outs, ref, rtol=1e-9, atol=1e-9)
+    _, counts = select(q, k, t, p)
+    n_comp = dense_start(230, 8, 32) // 8 - 1
+    want = [8 + int(counts[h, 1:1 + n_comp].sum()) + (230 - dense_start(230, 8, 32)) for h in range(HKV)]
+    assert cache.stored_tokens() == want
+    assert cache.k.shape[1] < p.window + p.block                       # the dense tail stays bounded
+    assert max(want) < 230 and min(want) < 230 * 0.6
+
+
+def test_keep_counts_from_thresholds():
+    t = torch.tensor([[1.5, 3.0, 3.0, 10.0]])                          # b = 16 -> k in 1,2,4,8,16
+    m = torch.tensor([[1.0, 1.5, 2.9, 3.0, 9.99, 10.0, 16.0]])
+    assert block_keep_counts(m, t, 16).tolist() == [[1, 2, 2, 8, 8, 16, 16]]
+
+
+def test_thresholds_reproduce_shares():
+    g = torch.Generator().manual_seed(5)
+    metric = torch.rand(3, 103, generator=g) * 63 + 1
+    shares = torch.tensor([[0.5, 0.5, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1.0], [0.1, 0.1, 0.2, 0.2, 0.2, 0.1, 0.1]])
+    t = thresholds_for_shares(metric, shares)
+    counts = block_keep_counts(metric, t, 64)
+    for h in range(3):
+        got = torch.stack([(counts[h] == 2 ** m).sum() for m in range(7)]).float() / 103
+        assert (got - shares[h]).abs().max() <= 1 / 103 + 1e-6
+    # the most redundant blocks (smallest metric) get the smallest k
+    order = metric[2].argsort()
+    assert torch.all(counts[2, order].diff() >= 0)
