@@ -1,0 +1,1 @@
+"""Offline TCA calibration: `python -m calibration --model PATH --out FILE`."""

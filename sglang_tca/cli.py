@@ -1,0 +1,192 @@
+"""`python launch.py` = `sglang_tca.cli.main(argv)`: an SGLang HTTP server with TCA attention.
+
+    python launch.py [--model PATH] [--tca-budgets FILE] [--tca-window N] [--tca-block N]
+                     [--tca-min-prompt-len N] [--no-tca] [...any sglang server flag]
+
+Our flags are parsed with `parse_known_args`; everything else goes to SGLang's `prepare_server_args` unchanged.
+`--model` (SGLang's own alias) / `--model-path` default to the embedded SmolLM2. TCA is on (`--attention-backend tca`)
+unless `--no-tca` or another `--attention-backend` is given. Bad input ends with one `error: ...` line on stderr and
+exit code 2 (set SGLANG_TCA_DEBUG=1 for the traceback). The model and budgets are checked before SGLang is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, TCAConfig, check_model_path
+
+EXIT_BAD_INPUT = 2
+BACKEND = "tca"
+
+
+class CLIError(Exception):
+    """Bad command-line input; the message is printed as `error: <message>`."""
+
+
+def _tca_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", add_help=False, allow_abbrev=False,
+                                description="SGLang server with TCA sparse attention. Other flags go to SGLang.")
+    g = p.add_argument_group("TCA options")
+    g.add_argument("--model", "--model-path", dest="model", metavar="PATH",
+                   help="model directory, GGUF file or HF repo id (default: the embedded SmolLM2)")
+    g.add_argument("--tca-budgets", metavar="FILE",
+                   help=f"budgets file (default: tca_budgets.json in the model directory, then the shipped budgets "
+                        f"of the embedded model); to make one, {CALIBRATE_HINT}")
+    g.add_argument("--tca-window", type=int, metavar="N", help="dense local window in tokens (default: the budgets')")
+    g.add_argument("--tca-block", type=int, metavar="N", help="block size; must match the budgets' block")
+    g.add_argument("--tca-min-prompt-len", type=int, metavar="N",
+                   help="prompts shorter than this are served dense (default: 2*window + block)")
+    g.add_argument("--no-tca", action="store_true", help="serve with SGLang's default attention (dense baseline)")
+    return p
+
+
+def _backend_parser() -> argparse.ArgumentParser:
+    """Peeks at SGLang's backend flags in the pass-through arguments (they stay there)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--attention-backend")
+    p.add_argument("--prefill-attention-backend")
+    p.add_argument("--decode-attention-backend")
+    return p
+
+
+class _ArgparseError(Exception):
+    pass
+
+
+class _QuietParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + exit
+        raise _ArgparseError(message)
+
+
+def _parse(argv: Sequence[str]):
+    p = _tca_parser()
+    q = _QuietParser(parents=[p], add_help=False, allow_abbrev=False, prog="launch.py")
+    try:
+        ours, rest = q.parse_known_args(list(argv))
+        peek, _ = _QuietParser(parents=[_backend_parser()], add_help=False, allow_abbrev=False).parse_known_args(rest)
+    except _ArgparseError as e:
+        raise CLIError(str(e)) from None
+    return p, ours, rest, peek
+
+
+@contextlib.contextmanager
+def _argparse_errors_raise():
+    """SGLang's parser reports a bad flag as usage (hundreds of lines) + exit 2; make it one CLIError line instead."""
+    orig = argparse.ArgumentParser.error
+
+    def error(self, message):
+        raise CLIError(f"{message} (see python launch.py --help)")
+
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = orig
+
+
+def _default_model() -> str:
+    try:
+        from sglang_tca.embedded_model import embedded_model_dir
+    except ImportError as e:
+        raise CLIError(f"no --model given and the embedded model is not available ({e})") from None
+    try:
+        return str(embedded_model_dir())
+    except Exception as e:  # noqa: BLE001
+        raise CLIError(f"no --model given and the embedded model is not available: {e}") from None
+
+
+def prepare(argv: Sequence[str], environ=None):
+    """Parse and check everything short of starting the server. Returns (server_args, runtime or None).
+    Raises CLIError / TCAConfigError / BudgetsError (printed as one line by `main`)."""
+    environ = os.environ if environ is None else environ
+    _, ours, rest, peek = _parse(argv)
+
+    model_defaulted = ours.model is None
+    model = _default_model() if model_defaulted else ours.model
+    check_model_path(model)
+
+    chosen = peek.attention_backend
+    use_tca = not ours.no_tca and chosen in (None, BACKEND)
+    tca_flags = [f for f, v in (("--tca-budgets", ours.tca_budgets), ("--tca-window", ours.tca_window),
+                                ("--tca-block", ours.tca_block), ("--tca-min-prompt-len", ours.tca_min_prompt_len))
+                 if v is not None]
+    if ours.no_tca and chosen == BACKEND:
+        raise CLIError("--no-tca contradicts --attention-backend tca")
+    runtime = None
+    if use_tca:
+        cfg = TCAConfig(budgets=None if ours.tca_budgets is None else str(Path(ours.tca_budgets).expanduser().resolve()),
+                        window=ours.tca_window, block=ours.tca_block, min_prompt_len=ours.tca_min_prompt_len)
+        runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
+        cfg = TCAConfig(budgets=runtime.budgets_path, window=cfg.window, block=cfg.block,
+                        min_prompt_len=cfg.min_prompt_len)
+        cfg.to_env(environ)
+        if chosen is None:
+            rest = [*rest, "--attention-backend", BACKEND]
+    else:
+        environ.pop(ENV_VAR, None)
+        if tca_flags:
+            why = "--no-tca" if ours.no_tca else f"--attention-backend {chosen}"
+            print(f"warning: TCA is off ({why}); ignoring {', '.join(tca_flags)}", file=sys.stderr)
+
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_tca.plugin import register
+
+    load_plugins()
+    register()
+    with _argparse_errors_raise():
+        server_args = prepare_server_args(["--model-path", model, *rest])
+    if use_tca:
+        if server_args.attention_backend != BACKEND:
+            raise CLIError(f"SGLang resolved --attention-backend to {server_args.attention_backend!r}, not tca")
+        if server_args.encoder_only or server_args.smg_grpc_mode or server_args.use_ray:
+            raise CLIError("TCA is served only by the HTTP server (not --encoder-only, --smg-grpc-mode or --use-ray)")
+        runtime.for_rank(0, server_args.tp_size)  # KV heads must split (or replicate) over --tp-size
+    return server_args, runtime
+
+
+def _serve(server_args, use_tca: bool) -> None:
+    from sglang.srt.utils import kill_process_tree
+
+    try:
+        if use_tca:
+            from sglang.srt.entrypoints.http_server import launch_server
+
+            from sglang_tca.plugin import run_scheduler_process
+
+            launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
+        else:
+            from sglang.launch_server import run_server
+
+            run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if isinstance(e, (CLIError, ValueError)) else f"{type(e).__name__}: {msg}"
+
+
+def main(argv: Sequence[str] | None = None, *, serve: Callable | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(_tca_parser().format_help())
+        from sglang.srt.server_args import prepare_server_args
+
+        prepare_server_args(["--help"])  # prints SGLang's flags and exits 0
+        return 0
+    try:
+        server_args, runtime = prepare(argv)
+    except (CLIError, Exception) as e:  # noqa: BLE001 - bad input ends in one line, never a traceback
+        if os.environ.get("SGLANG_TCA_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    (serve or _serve)(server_args, runtime is not None)
+    return 0

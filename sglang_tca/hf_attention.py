@@ -1,0 +1,91 @@
+"""The reference TCA plugged into Hugging Face transformers' attention, for calibration and CPU quality checks.
+
+`AttentionInterface` gets one function, "tca"; which policy it applies comes from the `attention_policy(...)`
+context. It works for batch size 1, with or without the KV cache (`generate`): it keeps every layer's queries of
+the sequence so far, because selection reads block-last queries. Slow (masked fp32 attention): a reference.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface
+
+from sglang_tca.algorithm import TCAParams, masked_attention, select, visible
+from sglang_tca.budgets import Budgets
+
+IMPL = "tca"
+
+
+class Policy:
+    """Which tokens each KV head keeps. `keep` returns [Hkv, Lk] bool (see algorithm.select), or None for dense."""
+    params: TCAParams | None = None
+
+    def keep(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class Dense(Policy):
+    pass
+
+
+@dataclass
+class TCA(Policy):
+    budgets: Budgets
+    counts: dict = field(default_factory=dict)     # layer -> per-block keep counts [Hkv, nb] of the last call
+
+    def __post_init__(self):
+        self.params = TCAParams.from_budgets(self.budgets)
+
+    def keep(self, layer, q, k):
+        keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params)
+        return keep
+
+
+@dataclass
+class _Run:
+    policy: Policy
+    on_layer: Callable | None
+    queries: dict = field(default_factory=dict)   # layer -> [Hq, L, D] queries of the sequence so far
+
+
+_ACTIVE: _Run | None = None
+
+
+def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if _ACTIVE is None:
+        raise RuntimeError("the 'tca' attention needs an active sglang_tca.hf_attention.attention_policy(...) context")
+    if query.shape[0] != 1:
+        raise ValueError("the reference TCA attention runs one sequence at a time (batch size 1)")
+    q, k, v = query[0], key[0], value[0]
+    layer, lq, lk = module.layer_idx, q.shape[1], k.shape[1]
+    hist = _ACTIVE.queries.get(layer)
+    q_all = q if lq == lk or hist is None else torch.cat([hist[:, : lk - lq], q], 1)
+    _ACTIVE.queries[layer] = q_all
+    if _ACTIVE.on_layer is not None:
+        _ACTIVE.on_layer(layer, q_all, k)
+    keep = _ACTIVE.policy.keep(layer, q_all, k)
+    pos = torch.arange(lk - lq, lk, device=q.device)
+    if keep is None:
+        mask = (torch.arange(lk, device=q.device)[None, :] <= pos[:, None]).expand(k.shape[0], lq, lk)
+    else:
+        mask = visible(keep, pos, lk, _ACTIVE.policy.params)
+    out = masked_attention(q, k, v, mask, scaling if scaling is not None else q.shape[-1] ** -0.5)
+    return out.transpose(0, 1)[None].contiguous(), None
+
+
+AttentionInterface.register(IMPL, _forward)
+
+
+@contextlib.contextmanager
+def attention_policy(policy: Policy, on_layer: Callable | None = None):
+    """Run a model loaded with attn_implementation="tca" under `policy`; `on_layer(layer, q, k)` sees every layer's
+    queries and keys of the whole sequence so far (calibration uses it)."""
+    global _ACTIVE
+    prev, _ACTIVE = _ACTIVE, _Run(policy, on_layer)
+    try:
+        yield _ACTIVE
+    finally:
+        _ACTIVE = prev
