@@ -93,7 +93,7 @@ def calibrate(model, input_ids: torch.Tensor, *, eps: float, block: int, window:
         if progress is not None:
             progress(layer)
 
-    with attention_policy(Dense(), on_layer=on_layer):
+    with attention_policy(Dense(), on_layer=on_layer), torch.no_grad():
         model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
     info = {"date": datetime.date.today().isoformat(), "tokens": int(input_ids.shape[1]), "rows": n_rows,
             "candidates": int(P.shape[0]), "dropped_mass": err.tolist(), "torch": torch.__version__}

@@ -144,9 +144,8 @@ def masked_attention(q, k, v, mask, scale, chunk: int = 512):
     kf, vf = k.to(acc).repeat_interleave(g, 0), v.to(acc).repeat_interleave(g, 0)
     for s0 in range(0, s_len, chunk):
         m = mask[:, s0:s0 + chunk].repeat_interleave(g, 0)
-        sc = torch.einsum("hsd,htd->hst", q[:, s0:s0 + chunk].to(acc), kf) * scale
-        sc = sc.masked_fill(~m, float("-inf"))
-        out[:, s0:s0 + chunk] = torch.einsum("hst,htd->hsd", sc.softmax(-1), vf).to(q.dtype)
+        out[:, s0:s0 + chunk] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, s0:s0 + chunk].to(acc), kf, vf, attn_mask=m, scale=scale).to(q.dtype)
     return out
 
 

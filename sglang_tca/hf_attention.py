@@ -69,11 +69,11 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     keep = _ACTIVE.policy.keep(layer, q_all, k)
     pos = torch.arange(lk - lq, lk, device=q.device)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if keep is None:  # dense: the library kernel, causal with the queries at the end
-        causal = torch.arange(lk, device=q.device)[None, :] <= pos[:, None]
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=True)
+    if keep is None:
+        mask = (torch.arange(lk, device=q.device)[None, :] <= pos[:, None]).expand(k.shape[0], lq, lk)
     else:
-        out = masked_attention(q, k, v, visible(keep, pos, lk, _ACTIVE.policy.params), scale)
+        mask = visible(keep, pos, lk, _ACTIVE.policy.params)
+    out = masked_attention(q, k, v, mask, scale)
     return out.transpose(0, 1)[None].contiguous(), None
 
 

@@ -1,0 +1,83 @@
+"""Where the server keeps TCA's selections: one keep mask per (layer, KV-pool slot, KV head).
+
+The selection of block j is computed once, when the forward pass processes the block's last token (position
+(j+1)*b - 1), and stored as a b-bit mask (b <= 64, one int64) at that token's KV slot. Why at the slot:
+
+* The radix cache shares a prefix by sharing its KV slots. A request that reuses a cached prefix reads, through
+  `req_to_token`, exactly the slots (and so the selections) the first request wrote, and prefix purity says those
+  selections are what a fresh computation would give. No payload travels with radix nodes.
+* A freed slot is only read again as a block-last slot after a new block-last token was written there, which
+  recomputes its mask first; masks of other slots are never read.
+
+`scores_to_bits` and `select_at_slots` are the server-side selection (vectorised torch, graph-safe shapes);
+`kept_positions` expands the masks of a request into its kept token positions. Tests: tests/test_slot_state.py
+(against sglang_tca.algorithm).
+"""
+from __future__ import annotations
+
+import torch
+
+from sglang_tca.algorithm import block_keep_counts, keep_from_counts, neff
+
+
+def bits_dtype_check(block: int) -> None:
+    if block > 64:
+        raise ValueError(f"the server stores a block's keep mask in 64 bits; block {block} > 64 is not supported")
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """keep [..., b] bool -> [...] int64 with bit t set for token t (bit 63 wraps to the sign bit, as intended)."""
+    shifts = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int64)
+    return (keep.to(torch.int64) << shifts).sum(-1)
+
+
+def unpack_bits(bits: torch.Tensor, block: int) -> torch.Tensor:
+    shifts = torch.arange(block, device=bits.device, dtype=torch.int64)
+    return ((bits[..., None] >> shifts) & 1).bool()
+
+
+def scores_to_bits(q_last: torch.Tensor, k_blk: torch.Tensor, thresholds: torch.Tensor, scale: float):
+    """Selection of n blocks from their last queries (scoring="block_last").
+
+    q_last [n, Hq, D], k_blk [n, b, Hkv, D] (the block's keys), thresholds [Hkv, Kn-1] -> (bits [n, Hkv] int64,
+    counts [n, Hkv]). Same math as algorithm.block_scores/neff/block_keep_counts/keep_from_counts."""
+    n, hq, d = q_last.shape
+    b, hkv = k_blk.shape[1], k_blk.shape[2]
+    g = hq // hkv
+    s = torch.einsum("nhgd,nbhd->nhgb", q_last.float().view(n, hkv, g, d), k_blk.float()) * scale
+    a = s.softmax(-1).amax(2)                                                        # [n, Hkv, b]
+    counts = block_keep_counts(neff(a).T.contiguous(), thresholds.float(), b).T        # [n, Hkv]
+    return pack_bits(keep_from_counts(a, counts)), counts
+
+
+def select_at_slots(q: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, req_rows: torch.Tensor,
+                    req_to_token: torch.Tensor, k_buffer: torch.Tensor, thresholds: torch.Tensor,
+                    slot_bits: torch.Tensor, block: int, scale: float) -> None:
+    """For every token of the batch that ends a block j >= 1, select that block and store its mask at the token's
+    slot. Tokens that end no block write to slot 0 (SGLang's padding slot), so shapes stay static (CUDA graphs).
+
+    q [T, Hq, D] this layer's queries; positions, slots (out_cache_loc), req_rows (req_pool_idx per token) [T];
+    req_to_token [R, C]; k_buffer [slots, Hkv, D]; slot_bits [slots, Hkv] int64 (this layer's, written in place).
+    The block's keys must already be in k_buffer (the caller saves the batch's K/V first)."""
+    ends = ((positions + 1) % block == 0) & (positions >= 2 * block - 1)
+    start = (positions - block + 1).clamp_min(0)
+    cols = start[:, None] + torch.arange(block, device=positions.device)             # [T, b]
+    k_slots = req_to_token[req_rows[:, None].long(), cols.long()]                      # [T, b]
+    bits, _ = scores_to_bits(q, k_buffer[k_slots.long()], thresholds, scale)
+    dest = torch.where(ends, slots, torch.zeros_like(slots))
+    slot_bits[dest.long()] = torch.where(ends[:, None], bits, slot_bits[dest.long()])
+
+
+def kept_positions(req_row: int, seq_len: int, req_to_token, slot_bits, block: int, window: int) -> list[torch.Tensor]:
+    """Kept positions per KV head of the compressed blocks of one request at length seq_len (a reference/debug view
+    used by tests; the attention kernels read the masks directly)."""
+    from sglang_tca.algorithm import dense_start
+
+    n_comp = dense_start(seq_len, block, window) // block - 1
+    if n_comp <= 0:
+        return [torch.zeros(0, dtype=torch.long) for _ in range(slot_bits.shape[1])]
+    last = torch.arange(1, n_comp + 1) * block + block - 1
+    bits = slot_bits[req_to_token[req_row, last].long()]                               # [n_comp, Hkv]
+    keep = unpack_bits(bits, block)                                                   # [n_comp, Hkv, b]
+    pos = (torch.arange(1, n_comp + 1)[:, None] * block + torch.arange(block)).flatten()
+    return [pos[keep[:, h].flatten().cpu()] for h in range(slot_bits.shape[1])]

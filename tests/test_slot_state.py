@@ -1,0 +1,86 @@
+"""Server-side selection stored at KV slots equals the reference, across chunks, decode steps and shared prefixes."""
+import math
+
+import pytest
+import torch
+
+from sglang_tca.algorithm import TCAParams, dense_start, select
+from sglang_tca.slot_state import kept_positions, pack_bits, select_at_slots, unpack_bits
+
+HQ, HKV, D, B, W = 6, 2, 16, 8, 32
+
+
+def thresholds():
+    kn = int(math.log2(B)) + 1
+    return torch.stack([torch.linspace(1.2, 6.0, kn - 1), torch.linspace(1.05, 2.5, kn - 1)])
+
+
+class FakePool:
+    """req_to_token + a K buffer with shuffled slot ids, like SGLang's pools (slot 0 is the padding slot)."""
+
+    def __init__(self, n_slots=2000, rows=4, ctx=600, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.free = (torch.randperm(n_slots - 1, generator=g) + 1).tolist()
+        self.req_to_token = torch.zeros(rows, ctx, dtype=torch.int32)
+        self.k = torch.zeros(n_slots, HKV, D)
+        self.bits = torch.zeros(n_slots, HKV, dtype=torch.int64)
+
+    def extend(self, row, start, q, k):
+        """Process tokens [start, start+T) of request `row` (q [T, Hq, D], k [T, Hkv, D]) as one forward chunk."""
+        T = k.shape[0]
+        slots = torch.tensor([self.free.pop() for _ in range(T)], dtype=torch.int32)
+        self.req_to_token[row, start:start + T] = slots
+        self.k[slots.long()] = k                                                     # the backend saves K/V first
+        pos = torch.arange(start, start + T)
+        select_at_slots(q, pos, slots.long(), torch.full((T,), row), self.req_to_token, self.k, thresholds(),
+                        self.bits, B, D ** -0.5)
+
+
+def reference_kept(q, k, L):
+    p = TCAParams(B, W)
+    keep, _ = select(q.transpose(0, 1), k.transpose(0, 1), thresholds(), p)
+    ds = dense_start(L, B, W)
+    return [torch.nonzero(keep[h, B:ds]).flatten() + B for h in range(HKV)]
+
+
+def rand_seq(L, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, HQ, D, generator=g), torch.randn(L, HKV, D, generator=g) * 2
+
+
+def test_pack_roundtrip_including_sign_bit():
+    keep = torch.rand(50, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    keep[0, 63] = True
+    assert torch.equal(unpack_bits(pack_bits(keep), 64), keep)
+
+
+@pytest.mark.parametrize("chunks", [[300], [100, 77, 123], [250] + [1] * 50])
+def test_chunked_prefill_and_decode_match_reference(chunks):
+    L = sum(chunks)
+    q, k = rand_seq(L, seed=1)
+    pool = FakePool()
+    start = 0
+    for c in chunks:                                                                 # prefill chunks, then decode
+        pool.extend(0, start, q[start:start + c], k[start:start + c])
+        start += c
+    got = kept_positions(0, L, pool.req_to_token, pool.bits, B, W)
+    want = reference_kept(q, k, L)
+    assert any(len(w) < (dense_start(L, B, W) - B) for w in want)                     # something was pruned
+    for h in range(HKV):
+        assert torch.equal(got[h], want[h])
+
+
+def test_shared_prefix_reuses_selection_exactly():
+    """Request B reuses request A's first 200 slots (a radix hit) and continues differently: its view of the
+    prefix equals both A's and a fresh computation of B's full text."""
+    qa, ka = rand_seq(260, seed=2)
+    qb, kb = rand_seq(260, seed=3)
+    qb[:200], kb[:200] = qa[:200], ka[:200]
+    pool = FakePool()
+    pool.extend(0, 0, qa, ka)
+    pool.req_to_token[1, :200] = pool.req_to_token[0, :200]                           # what alloc_for_extend does
+    pool.extend(1, 200, qb[200:], kb[200:])
+    got = kept_positions(1, 260, pool.req_to_token, pool.bits, B, W)
+    want = reference_kept(qb, kb, 260)
+    for h in range(HKV):
+        assert torch.equal(got[h], want[h])
