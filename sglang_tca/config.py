@@ -122,7 +122,7 @@ class TCAConfig:
 
 @dataclass(frozen=True)
 class TCARuntime:
-    """A resolved, checked TCA configuration: what the attention backend and radix cache use."""
+    """A resolved, checked TCA configuration: what the attention backend uses."""
     config: TCAConfig
     model_path: str
     budgets_path: str

@@ -1,4 +1,7 @@
-"""SGLang plugin of sglang-tca: registers the "tca" attention backend and radix cache, and validates server flags.
+"""SGLang plugin of sglang-tca: registers the "tca" attention backend and validates server flags.
+
+SGLang's own radix cache is used unchanged: TCA stores each block's selection at the KV slot of the block's last
+token (sglang_tca/slot_state.py), so a shared prefix shares its selections with its slots.
 
 Reached three ways, all idempotent:
   * the entry point  [project.entry-points."sglang.srt.plugins"] tca = "sglang_tca.plugin:register"
@@ -32,20 +35,12 @@ def _create_tca_backend(model_runner):
     return TCAAttnBackend(model_runner)
 
 
-def _create_tca_radix_cache(ctx):
-    """RadixCacheFactory: (TreeCacheBuildContext) -> BasePrefixCache."""
-    from sglang_tca.radix_cache import TCARadixCache  # written separately
-
-    return TCARadixCache(ctx)
-
-
 def register() -> None:
-    """Register the "tca" attention backend, the "tca" radix cache and the ServerArgs validation hook. Idempotent."""
+    """Register the "tca" attention backend and the ServerArgs validation hook. Idempotent."""
     global _registered
     if _registered:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
-    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
@@ -53,8 +48,6 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(_create_tca_backend)
-    if get_radix_cache_factory(BACKEND_NAME) is None:  # register_radix_cache_backend raises on a duplicate name
-        register_radix_cache_backend(BACKEND_NAME, _create_tca_radix_cache)
 
     if not _hook_installed():
         already_patched = POST_INIT_TARGET in HookRegistry._patched
@@ -119,9 +112,6 @@ def validate_server_args(sa) -> None:
         for flag, val in (("--prefill-attention-backend", prefill), ("--decode-attention-backend", decode)):
             if val == BACKEND_NAME:
                 problems.append(f"{flag} tca (select TCA for both phases with --attention-backend tca)")
-        if radix == BACKEND_NAME:
-            problems.append("--radix-cache-backend tca without --attention-backend tca (the cache stores the "
-                            "backend's selections)")
         if problems:
             raise TCAConfigError("TCA: " + "; ".join(problems))
         return
@@ -151,9 +141,7 @@ def validate_server_args(sa) -> None:
         "context parallelism")
     bad(bool(g("enable_lmcache")), "--enable-lmcache", "external KV offload")
     bad(bool(g("enable_flexkv")), "--enable-flexkv", "external KV offload")
-    bad(radix not in (None, BACKEND_NAME), f"--radix-cache-backend {radix}", "only the default or the tca radix cache")
-    bad(radix == BACKEND_NAME and bool(g("disable_radix_cache")), "--disable-radix-cache",
-        "--radix-cache-backend tca needs the radix cache enabled")
+    bad(radix is not None, f"--radix-cache-backend {radix}", "TCA shares selections through SGLang's default radix cache")
     if problems:
         raise TCAConfigError("--attention-backend tca does not support: " + "; ".join(problems)
                              + ". Remove these flags, or serve without TCA (--no-tca / another --attention-backend).")

@@ -74,7 +74,6 @@ def _hook_count() -> int:
 
 def test_register_is_idempotent_and_makes_tca_a_valid_choice(sgl, model):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-    from sglang.srt.mem_cache.registry import get_radix_cache_factory
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, prepare_server_args
 
     sgl.register()
@@ -83,12 +82,11 @@ def test_register_is_idempotent_and_makes_tca_a_valid_choice(sgl, model):
     sgl.register()
     assert ATTENTION_BACKEND_CHOICES.count("tca") == 1
     assert ATTENTION_BACKENDS["tca"] is sgl._create_tca_backend
-    assert get_radix_cache_factory("tca") is sgl._create_tca_radix_cache
     assert _hook_count() == 1
 
     sa = prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS,
-                              "--attention-backend", "tca", "--radix-cache-backend", "tca"])
-    assert sa.attention_backend == "tca" and sa.radix_cache_backend == "tca" and sa.page_size == 1
+                              "--attention-backend", "tca"])
+    assert sa.attention_backend == "tca" and sa.radix_cache_backend is None and sa.page_size == 1
 
 
 def test_scheduler_entry_registers_loads_config_and_calls_stock(sgl, model, monkeypatch):
@@ -175,7 +173,7 @@ def test_validation_ignores_other_backends_and_lists_all_problems(sgl, tca_serve
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
     (["--speculative-algorithm", "NGRAM"], "--speculative-algorithm NGRAM"),
-    (["--radix-cache-backend", "tca", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--radix-cache-backend", "lmcache"], "--radix-cache-backend lmcache"),
 ])
 def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
     """The AFTER hook on ServerArgs.__post_init__ is really installed: prepare_server_args raises."""
@@ -183,14 +181,6 @@ def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
 
     with pytest.raises(TCAConfigError, match=flag):
         prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS, "--attention-backend", "tca", *extra])
-
-
-def test_hook_rejects_tca_radix_cache_without_tca_attention(sgl, model):
-    from sglang.srt.server_args import prepare_server_args
-
-    with pytest.raises(TCAConfigError, match="--radix-cache-backend tca"):
-        prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS, "--attention-backend", "triton",
-                             "--radix-cache-backend", "tca"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

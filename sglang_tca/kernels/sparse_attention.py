@@ -1,0 +1,371 @@
+"""TCA sparse attention over SGLang's token pool: one Triton kernel for extend (prefill chunks) and decode.
+
+Semantics (exactly `sglang_tca.algorithm.visible`): with block b and window w, a query at absolute position i
+(n = i + 1, ds = dense_start(n) = b * max(1, (n - w) // b)) sees key positions t <= i with
+
+    t < b                                   (sink), or
+    t >= ds                                 (dense window), or
+    b <= t < ds and t is kept by its KV head (compressed blocks).
+
+Inputs (bs requests, T packed query tokens, Hq query heads, Hkv KV heads, G = Hq // Hkv):
+
+    q                [T, Hq, D]            fp16 / bf16 / fp32; request r's tokens are q[qo_indptr[r]:qo_indptr[r+1]]
+    k_buffer         [slots, Hkv, D]       SGLang's per-layer K pool (NHD, page size 1), same dtype as q
+    v_buffer         [slots, Hkv, Dv]      V pool
+    req_to_token     [R, max_ctx] int32    slot id of (request row, position)
+    req_pool_indices [bs] int32/int64      request row of each batch entry
+    q_start_pos      [bs] int32/int64      absolute position of request r's first query (= cached prefix length in
+                                           extend, = seq_len - 1 in decode); its queries are q_start_pos[r] + 0..len-1
+    qo_indptr        [bs + 1] int32/int64  query offsets into q
+    kept_indptr      [bs * Hkv + 1] int    kept list of (r, h) is kept_pos[kept_indptr[r*Hkv+h] : kept_indptr[r*Hkv+h+1]]
+    kept_pos         [nnz] int32           absolute positions, ascending per list, all in [b, dense_start(last + 1))
+                                           for the request's last query (entries beyond are allowed but ignored,
+                                           the dense pass covers them)
+    out              [T, Hq, Dv]           optional output (dtype of q)
+
+Keys of every position <= a request's last query must already be in the pool (set_kv_buffer before the call).
+
+Kernel layout: grid (query tile, request, KV head x KV split). The rows of a tile are (query, group head) pairs, so
+the G query heads of a KV head share every K/V load (BLOCK_Q = BLOCK_M // G queries per tile). Each program walks one
+"virtual key list" = [sink (min(b, last+1) positions) | kept entries visible to the tile | dense range
+[dense_start(first query + 1), last query]] with online softmax; positions are mapped to slots through
+req_to_token inside the kernel, and per-element masks apply the per-query rules above (an earlier query of a chunk
+sees fewer compressed blocks and a longer dense range). The number of kept entries a tile may see is found in-kernel
+with a two-level vectorised search over the sorted list (two dependent loads), so the work per query is
+O(b + kept + w + BLOCK_Q), never O(i). For decode (few programs) the virtual list can be split over `num_kv_splits`
+programs, followed by a small log-sum-exp merge kernel (like SGLang's decode stage 2).
+
+No host synchronisation: the grid only needs Python ints (max_q_len; default T, always an upper bound).
+Not supported (yet): fp8 KV (k_scale / v_scale), logit soft-capping, paged (page_size > 1) or HND pools,
+sliding-window layers, attention sinks as learned logits, returning the LSE.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_SEARCH_SAMPLE = 1024          # level-1 sample count of the in-kernel kept-list search
+
+
+@triton.jit
+def _count_below(ptr, n, x, SAMPLE: tl.constexpr):
+    """Number of entries < x in the ascending int list ptr[0:n], with two dependent vector loads (for n <= SAMPLE^2)."""
+    stride = tl.maximum((n + SAMPLE - 1) // SAMPLE, 1)
+    offs = tl.arange(0, SAMPLE)
+    idx = offs * stride
+    in_n = idx < n
+    vals = tl.load(ptr + idx, mask=in_n, other=0)
+    c1 = tl.sum((in_n & (vals < x)).to(tl.int32), 0)
+    # samples 0..c1-1 are < x, so everything up to idx[c1-1] is; between idx[c1-1] and idx[c1] is undecided
+    base = tl.where(c1 > 0, (c1 - 1) * stride + 1, 0)
+    end = tl.minimum(c1 * stride, n)
+    cnt = base
+    for s in range(base, end, SAMPLE):
+        o = s + offs
+        m = o < end
+        v = tl.load(ptr + o, mask=m, other=0)
+        cnt += tl.sum((m & (v < x)).to(tl.int32), 0)
+    return cnt
+
+
+@triton.jit
+def _tca_fwd_kernel(
+    Q, K_Buf, V_Buf, O, O_Part, Lse_Part,
+    req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_pos,
+    sm_scale_log2,
+    stride_qt, stride_qh,
+    stride_kbs, stride_kh,
+    stride_vbs, stride_vh,
+    stride_ot, stride_oh,
+    stride_ps, stride_pt, stride_ph,
+    stride_ls, stride_lt,
+    stride_r2t,
+    num_kv_heads,
+    Lq: tl.constexpr, Lv: tl.constexpr,
+    BLOCK: tl.constexpr, WINDOW: tl.constexpr, G: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SEARCH_SAMPLE: tl.constexpr, IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    r = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    h = pid2 % num_kv_heads
+    split = pid2 // num_kv_heads
+
+    qo_start = tl.load(qo_indptr + r)
+    q_len = tl.load(qo_indptr + r + 1) - qo_start
+    q_tile_start = tile * BLOCK_Q
+    if q_tile_start >= q_len:
+        return
+    q_tile_end = tl.minimum(q_tile_start + BLOCK_Q, q_len)
+    rp = tl.load(req_pool_indices + r).to(tl.int64)
+    p0 = tl.load(q_start_pos + r).to(tl.int32)
+
+    # rows = (query, group head) pairs
+    offs_m = tl.arange(0, BLOCK_M)
+    qi = offs_m // G
+    gh = offs_m % G
+    row_valid = (qi < BLOCK_Q) & (q_tile_start + qi < q_len)
+    qpos = p0 + q_tile_start + qi                                           # absolute query positions
+    ds_row = BLOCK * tl.maximum((qpos + 1 - WINDOW) // BLOCK, 1)            # dense_start(qpos + 1)
+
+    first_pos = p0 + q_tile_start
+    last_pos = p0 + q_tile_end - 1
+    ds_first = BLOCK * tl.maximum((first_pos + 1 - WINDOW) // BLOCK, 1)
+    ds_last = BLOCK * tl.maximum((last_pos + 1 - WINDOW) // BLOCK, 1)
+
+    # virtual key list of this tile: [sink | kept < ds_last | dense ds_first..last_pos]
+    kbeg = tl.load(kept_indptr + r * num_kv_heads + h)
+    kend = tl.load(kept_indptr + r * num_kv_heads + h + 1)
+    kept_base = kept_pos + kbeg
+    n_sink = tl.minimum(BLOCK, last_pos + 1)
+    n_kept = _count_below(kept_base, (kend - kbeg).to(tl.int32), ds_last, SEARCH_SAMPLE)
+    n_dense = tl.maximum(last_pos + 1 - ds_first, 0)
+    sk = n_sink + n_kept
+    total = sk + n_dense
+
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        v_lo = split * chunk
+        v_hi = tl.minimum(total, v_lo + chunk)
+    else:
+        v_lo = 0
+        v_hi = total
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Lq
+    mask_dv = offs_dv < Lv
+
+    tok = qo_start + q_tile_start + qi                                      # packed token index of each row
+    head = h * G + gh
+    q = tl.load(Q + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    r2t_row = req_to_token + rp * stride_r2t
+    for start in range(v_lo, v_hi, BLOCK_N):
+        vi = start + offs_n
+        col_valid = vi < v_hi
+        in_sink = vi < n_sink
+        in_kept = (vi >= n_sink) & (vi < sk)
+        in_dense = (vi >= sk) & col_valid
+        kp = tl.load(kept_base + (vi - n_sink), mask=in_kept, other=0)
+        pos = tl.where(in_sink, vi, tl.where(in_kept, kp, ds_first + (vi - sk)))
+        slot = tl.load(r2t_row + pos, mask=col_valid, other=0).to(tl.int64)
+
+        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+                    mask=col_valid[None, :] & mask_d[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = qk * sm_scale_log2
+
+        causal = pos[None, :] <= qpos[:, None]
+        vis = (in_sink[None, :] & causal) \
+            | (in_kept[None, :] & (pos[None, :] < ds_row[:, None])) \
+            | (in_dense[None, :] & causal & (pos[None, :] >= ds_row[:, None]))
+        vis = vis & row_valid[:, None]
+        qk = tl.where(vis, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+                    mask=col_valid[:, None] & mask_dv[None, :], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(O + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+                 o.to(O.dtype.element_ty), mask=row_valid[:, None] & mask_dv[None, :])
+    else:
+        tl.store(O_Part + split * stride_ps + tok[:, None].to(tl.int64) * stride_pt + head[:, None] * stride_ph
+                 + offs_dv[None, :], o, mask=row_valid[:, None] & mask_dv[None, :])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(Lse_Part + split * stride_ls + tok.to(tl.int64) * stride_lt + head, lse, mask=row_valid)
+
+
+@triton.jit
+def _tca_merge_kernel(
+    O_Part, Lse_Part, O, qo_total,
+    stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
+    Lv: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    if t >= tl.load(qo_total):
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ms = offs_s < NUM_SPLITS
+    mdv = offs_dv < Lv
+    lse = tl.load(Lse_Part + offs_s * stride_ls + t * stride_lt + hq, mask=ms, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)
+    o = tl.load(O_Part + offs_s[:, None] * stride_ps + t * stride_pt + hq * stride_ph + offs_dv[None, :],
+                mask=ms[:, None] & mdv[None, :], other=0.0)
+    res = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_dv, res.to(O.dtype.element_ty), mask=mdv)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                         req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, q_start_pos: torch.Tensor,
+                         qo_indptr: torch.Tensor, kept_indptr: torch.Tensor, kept_pos: torch.Tensor,
+                         block: int, window: int, sm_scale: float, out: Optional[torch.Tensor] = None, *,
+                         max_q_len: Optional[int] = None, num_kv_splits: Optional[int] = None,
+                         block_m: Optional[int] = None, block_n: Optional[int] = None,
+                         num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    """TCA sparse attention for a packed batch of extend chunks and/or decode tokens (see the module docstring for
+    shapes). Returns `out` [T, Hq, Dv] (rows of T not covered by qo_indptr are left untouched).
+
+    max_q_len: Python int upper bound on the per-request query count (sizes the grid; default T = q.shape[0]).
+    num_kv_splits: split each tile's key list over this many programs (+ a merge kernel); default: 1 on CPU, and on
+        CUDA enough to give ~2 programs per SM when there are few tiles (decode), at most 16.
+    block_m / block_n / num_warps / num_stages: tile overrides (block_m rows = (query, group head) pairs).
+    """
+    assert q.dim() == 3 and k_buffer.dim() == 3 and v_buffer.dim() == 3, "q [T,Hq,D], k/v_buffer [slots,Hkv,D]"
+    assert block > 0 and block & (block - 1) == 0, "block must be a power of two"
+    assert window % block == 0 and window >= block, "window must be a positive multiple of block"
+    T, Hq, Lq = q.shape
+    Hkv, Lv = k_buffer.shape[1], v_buffer.shape[2]
+    assert k_buffer.shape[2] == Lq and v_buffer.shape[1] == Hkv and Hq % Hkv == 0
+    G = Hq // Hkv
+    bs = qo_indptr.numel() - 1
+    assert req_pool_indices.numel() >= bs and q_start_pos.numel() >= bs
+    assert kept_indptr.numel() == bs * Hkv + 1, "kept_indptr must have bs * Hkv + 1 entries"
+    assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1
+    assert req_to_token.stride(-1) == 1
+    if out is None:
+        out = torch.empty(T, Hq, Lv, dtype=q.dtype, device=q.device)
+    assert out.shape == (T, Hq, Lv) and out.stride(-1) == 1
+    if bs == 0 or T == 0:
+        return out
+    if kept_pos.numel() == 0:                     # keep a valid pointer for the (masked) loads
+        kept_pos = torch.zeros(1, dtype=torch.int32, device=q.device)
+
+    max_q_len = T if max_q_len is None else max(1, min(int(max_q_len), T))
+    on_gpu = q.is_cuda
+    if block_m is None:
+        rows = max_q_len * G
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_m = max(block_m, triton.next_power_of_2(G), 16)
+    block_q = block_m // G
+    if block_n is None:
+        block_n = 64
+    q_tiles = triton.cdiv(max_q_len, block_q)
+    if num_kv_splits is None:
+        if on_gpu:
+            progs = bs * Hkv * q_tiles
+            num_kv_splits = max(1, min(16, (2 * _sm_count(q.device)) // max(progs, 1)))
+        else:
+            num_kv_splits = 1
+    num_kv_splits = max(1, int(num_kv_splits))
+    if num_warps is None:
+        num_warps = 4 if block_m <= 64 else 8
+    extra = {"num_warps": num_warps}
+    if num_stages is not None:
+        extra["num_stages"] = num_stages
+
+    BLOCK_D = triton.next_power_of_2(Lq)
+    BLOCK_DV = triton.next_power_of_2(Lv)
+    if num_kv_splits > 1:
+        o_part = torch.empty(num_kv_splits, T, Hq, Lv, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_kv_splits, T, Hq, dtype=torch.float32, device=q.device)
+        ps = o_part.stride()
+        ls = lse_part.stride()
+    else:
+        o_part = lse_part = out                   # unused
+        ps = (0, 0, 0)
+        ls = (0, 0)
+
+    grid = (q_tiles, bs, Hkv * num_kv_splits)
+    _tca_fwd_kernel[grid](
+        q, k_buffer, v_buffer, out, o_part, lse_part,
+        req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_pos,
+        float(sm_scale) * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        out.stride(0), out.stride(1),
+        ps[0], ps[1], ps[2],
+        ls[0], ls[1],
+        req_to_token.stride(0),
+        Hkv,
+        Lq=Lq, Lv=Lv, BLOCK=block, WINDOW=window, G=G,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q,
+        NUM_SPLITS=num_kv_splits, SEARCH_SAMPLE=_SEARCH_SAMPLE, IEEE=(q.dtype == torch.float32),
+        **extra,
+    )
+    if num_kv_splits > 1:
+        _tca_merge_kernel[(T, Hq)](
+            o_part, lse_part, out, qo_indptr[bs:],
+            ps[0], ps[1], ps[2], ls[0], ls[1], out.stride(0), out.stride(1),
+            Lv=Lv, NUM_SPLITS=num_kv_splits, BLOCK_S=max(2, triton.next_power_of_2(num_kv_splits)),
+            BLOCK_DV=BLOCK_DV, num_warps=4,
+        )
+    return out
+
+
+def tca_sparse_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_start_pos, qo_indptr,
+                             kept_indptr, kept_pos, block, window, sm_scale, out=None) -> torch.Tensor:
+    """Pure-PyTorch reference with the same inputs: per request, gather K/V through req_to_token, rebuild the keep
+    mask from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`. Host-synchronising and
+    slow; for tests."""
+    from sglang_tca.algorithm import TCAParams, dense_start, masked_attention, visible
+
+    p = TCAParams(block=block, window=window)
+    T, Hq, _ = q.shape
+    Hkv = k_buffer.shape[1]
+    if out is None:
+        out = torch.zeros(T, Hq, v_buffer.shape[2], dtype=q.dtype, device=q.device)
+    qo = qo_indptr.tolist()
+    kin = kept_indptr.tolist()
+    for r in range(len(qo) - 1):
+        s, e = qo[r], qo[r + 1]
+        if e == s:
+            continue
+        p0 = int(q_start_pos[r])
+        L = p0 + (e - s)
+        slots = req_to_token[int(req_pool_indices[r]), :L].long()
+        k = k_buffer[slots].transpose(0, 1)                       # [Hkv, L, D]
+        v = v_buffer[slots].transpose(0, 1)
+        keep = torch.ones(Hkv, L, dtype=torch.bool, device=q.device)
+        keep[:, block:max(block, dense_start(L, block, window))] = False
+        for h in range(Hkv):
+            lst = kept_pos[kin[r * Hkv + h]:kin[r * Hkv + h + 1]].long()
+            keep[h, lst[lst < L]] = True
+        qpos = torch.arange(p0, L, device=q.device)
+        mask = visible(keep, qpos, L, p)
+        out[s:e] = masked_attention(q[s:e].transpose(0, 1), k, v, mask, sm_scale).transpose(0, 1).to(out.dtype)
+    return out
