@@ -2,7 +2,7 @@
 """SGLang server with TCA sparse attention.
 
     python launch.py [--model PATH] [--tca-budgets FILE] [--tca-window N] [--tca-block N]
-                     [--tca-min-prompt-len N] [--no-tca] [...any sglang server flag]
+                     [--no-tca] [...any sglang server flag]
 
 The logic lives in sglang_tca/cli.py. The __main__ guard matters: SGLang starts its processes with spawn, which
 re-imports this file in every child.

@@ -12,10 +12,8 @@ Fields (None means "default"):
                   multiple of the block size (a block leaves the window whole).
   block           block size b. Default and only accepted value: the budgets file's `block` (the keep distributions
                   p[l, h, k] are over k in {1, 2, ..., b}, so another b needs another calibration).
-  min_prompt_len  prompts shorter than this are served dense (no selection pass). Default: 2*w + b.
-                  Why: with a dense sink block and a dense window nothing can be compressed below w + 2b tokens, so
-                  TCA equals dense there anyway; at 2w + b the compressible part (>= w - b tokens) is about as large as
-                  the dense window, which is where the selection pass starts paying for itself. 0 = always select.
+Sequences shorter than w + 2b have nothing compressed: TCA is exactly dense there, and the backend runs SGLang's
+dense kernels for batches of such sequences.
 
 This module imports neither sglang nor torch at module level (the launcher imports it before deciding anything).
 """
@@ -50,10 +48,9 @@ class TCAConfig:
     budgets: str | None = None
     window: int | None = None
     block: int | None = None
-    min_prompt_len: int | None = None
 
     def __post_init__(self):
-        for name in ("window", "block", "min_prompt_len"):
+        for name in ("window", "block"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise TCAConfigError(f"TCA {name} must be an integer, got {v!r}")
@@ -61,8 +58,6 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-window must be positive, got {self.window}")
         if self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
             raise TCAConfigError(f"--tca-block must be a positive power of two, got {self.block}")
-        if self.min_prompt_len is not None and self.min_prompt_len < 0:
-            raise TCAConfigError(f"--tca-min-prompt-len must be >= 0, got {self.min_prompt_len}")
         if self.budgets is not None and not isinstance(self.budgets, str):
             raise TCAConfigError(f"TCA budgets must be a path string, got {self.budgets!r}")
 
@@ -115,9 +110,8 @@ class TCAConfig:
         window = budgets.window if self.window is None else self.window
         if window < block or window % block:
             raise TCAConfigError(f"--tca-window {window} must be a positive multiple of the block size {block}")
-        mpl = 2 * window + block if self.min_prompt_len is None else self.min_prompt_len
         return TCARuntime(config=self, model_path=str(model_path), budgets_path=str(path), budgets=budgets,
-                          shape=shape, window=window, block=block, min_prompt_len=mpl)
+                          shape=shape, window=window, block=block)
 
 
 @dataclass(frozen=True)
@@ -130,7 +124,6 @@ class TCARuntime:
     shape: Any              # sglang_tca.budgets.ModelShape
     window: int
     block: int
-    min_prompt_len: int
 
     @property
     def sink(self) -> int:

@@ -1,7 +1,14 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on CPU; it must be chosen before any module imports triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

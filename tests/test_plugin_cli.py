@@ -102,7 +102,7 @@ def test_scheduler_entry_registers_loads_config_and_calls_stock(sgl, model, monk
     assert sgl.run_scheduler_process(sa, "port_args", 0, 0, 0, 0, 0, 0, None, "writer") == "ran"
     assert calls[0][0][0] is sa and calls[0][0][-1] == "writer"
     rt = tca_config.load_runtime(sa.model_path)
-    assert rt.window == 128 and rt.block == 64 and rt.min_prompt_len == 2 * 128 + 64
+    assert rt.window == 128 and rt.block == 64
     # pickled by reference, so spawned children import sglang_tca.plugin
     assert pickle.loads(pickle.dumps(sgl.run_scheduler_process)) is sgl.run_scheduler_process
 
@@ -188,7 +188,7 @@ def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_config_env_roundtrip_and_errors():
     env: dict = {}
-    c = TCAConfig(budgets="/x/b.json", window=512, block=64, min_prompt_len=0)
+    c = TCAConfig(budgets="/x/b.json", window=512, block=64)
     c.to_env(env)
     assert TCAConfig.from_env(env) == c and TCAConfig.from_env({}) is None
     for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}'):
@@ -252,8 +252,7 @@ def test_embedded_model_detection(tmp_path, monkeypatch):
 
 def test_resolve_overrides(model):
     rt = TCAConfig().resolve(model)
-    assert (rt.window, rt.block, rt.sink, rt.min_prompt_len) == (256, 64, 64, 2 * 256 + 64)
-    assert TCAConfig(window=512, min_prompt_len=0).resolve(model).min_prompt_len == 0
+    assert (rt.window, rt.block, rt.sink) == (256, 64, 64)
     with pytest.raises(TCAConfigError, match="--tca-block 32"):
         TCAConfig(block=32).resolve(model)
     with pytest.raises(TCAConfigError, match="multiple of the block"):

@@ -74,6 +74,62 @@ def _count_below(ptr, n, x, SAMPLE: tl.constexpr):
 
 
 @triton.jit
+def _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
+               K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+               qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+               MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N step of the virtual key list [sink | kept | dense] with online softmax. MASKED=False: every
+    column is a sink or kept key that all rows see (no per-element masks)."""
+    vi = start + offs_n
+    in_sink = vi < n_sink
+    in_kept = (vi >= n_sink) & (vi < sk)
+    kp = tl.load(kept_base + (vi - n_sink), mask=in_kept, other=0)
+    if MASKED:
+        col_valid = vi < v_hi
+        pos = tl.where(in_sink, vi, tl.where(in_kept, kp, ds_first + (vi - sk)))
+        slot = tl.load(r2t_row + pos, mask=col_valid, other=0).to(tl.int64)
+        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+                    mask=col_valid[None, :] & mask_d[:, None], other=0.0)
+    else:
+        pos = tl.where(in_sink, vi, kp)
+        slot = tl.load(r2t_row + pos).to(tl.int64)
+        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+                    mask=mask_d[:, None], other=0.0)
+    if IEEE:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = qk * sm_scale_log2
+    if MASKED:
+        in_dense = (vi >= sk) & col_valid
+        causal = pos[None, :] <= qpos[:, None]
+        vis = (in_sink[None, :] & causal) \
+            | (in_kept[None, :] & (pos[None, :] < ds_row[:, None])) \
+            | (in_dense[None, :] & causal & (pos[None, :] >= ds_row[:, None]))
+        vis = vis & row_valid[:, None]
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+                    mask=col_valid[:, None] & mask_dv[None, :], other=0.0)
+    else:
+        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+                    mask=mask_dv[None, :], other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _tca_fwd_kernel(
     Q, K_Buf, V_Buf, O, O_Part, Lse_Part,
     req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_pos,
@@ -154,44 +210,22 @@ def _tca_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     r2t_row = req_to_token + rp * stride_r2t
-    for start in range(v_lo, v_hi, BLOCK_N):
-        vi = start + offs_n
-        col_valid = vi < v_hi
-        in_sink = vi < n_sink
-        in_kept = (vi >= n_sink) & (vi < sk)
-        in_dense = (vi >= sk) & col_valid
-        kp = tl.load(kept_base + (vi - n_sink), mask=in_kept, other=0)
-        pos = tl.where(in_sink, vi, tl.where(in_kept, kp, ds_first + (vi - sk)))
-        slot = tl.load(r2t_row + pos, mask=col_valid, other=0).to(tl.int64)
-
-        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
-                    mask=col_valid[None, :] & mask_d[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
-        qk = qk * sm_scale_log2
-
-        causal = pos[None, :] <= qpos[:, None]
-        vis = (in_sink[None, :] & causal) \
-            | (in_kept[None, :] & (pos[None, :] < ds_row[:, None])) \
-            | (in_dense[None, :] & causal & (pos[None, :] >= ds_row[:, None]))
-        vis = vis & row_valid[:, None]
-        qk = tl.where(vis, qk, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
-                    mask=col_valid[:, None] & mask_dv[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Keys every row of the tile sees (the sink once the first query is past it, and the kept entries below the
+    # first query's dense start) need no masks: handle whole BLOCK_N steps of them first, the rest masked.
+    n_kept_first = n_kept
+    if ds_first < ds_last:
+        n_kept_first = _count_below(kept_base, (kend - kbeg).to(tl.int32), ds_first, SEARCH_SAMPLE)
+    nomask_end = tl.where(first_pos >= BLOCK - 1, ((BLOCK + n_kept_first) // BLOCK_N) * BLOCK_N, 0)
+    for start in range(v_lo, tl.minimum(v_hi, nomask_end), BLOCK_N):
+        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
+                                   K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+                                   qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+                                   False, IEEE)
+    for start in range(tl.maximum(v_lo, nomask_end), v_hi, BLOCK_N):
+        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
+                                   K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+                                   qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
+                                   True, IEEE)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -250,8 +284,8 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
     shapes). Returns `out` [T, Hq, Dv] (rows of T not covered by qo_indptr are left untouched).
 
     max_q_len: Python int upper bound on the per-request query count (sizes the grid; default T = q.shape[0]).
-    num_kv_splits: split each tile's key list over this many programs (+ a merge kernel); default: 1 on CPU, and on
-        CUDA enough to give ~2 programs per SM when there are few tiles (decode), at most 16.
+    num_kv_splits: split each tile's key list over this many programs (+ a merge kernel); default: 1 on CPU and for
+        long chunks, and on CUDA for short ones (decode) enough for ~8 programs per SM, at most 32.
     block_m / block_n / num_warps / num_stages: tile overrides (block_m rows = (query, group head) pairs).
     """
     assert q.dim() == 3 and k_buffer.dim() == 3 and v_buffer.dim() == 3, "q [T,Hq,D], k/v_buffer [slots,Hkv,D]"
@@ -276,24 +310,27 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
 
     max_q_len = T if max_q_len is None else max(1, min(int(max_q_len), T))
     on_gpu = q.is_cuda
+    rows = max_q_len * G
     if block_m is None:
-        rows = max_q_len * G
-        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
     block_m = max(block_m, triton.next_power_of_2(G), 16)
     block_q = block_m // G
     if block_n is None:
         block_n = 64
     q_tiles = triton.cdiv(max_q_len, block_q)
     if num_kv_splits is None:
+        # H100 sweep (bench/kernel_bench.py, 32K, bs 1/16): decode wants ~8 programs per SM; prefill has plenty
         if on_gpu:
             progs = bs * Hkv * q_tiles
-            num_kv_splits = max(1, min(16, (2 * _sm_count(q.device)) // max(progs, 1)))
+            num_kv_splits = max(1, min(32, triton.cdiv(8 * _sm_count(q.device), max(progs, 1)))) if rows <= 64 else 1
         else:
             num_kv_splits = 1
     num_kv_splits = max(1, int(num_kv_splits))
     if num_warps is None:
-        num_warps = 4 if block_m <= 64 else 8
+        num_warps = 8 if block_m >= 128 else 4
     extra = {"num_warps": num_warps}
+    if num_stages is None and on_gpu:
+        num_stages = 3
     if num_stages is not None:
         extra["num_stages"] = num_stages
 

@@ -1,0 +1,69 @@
+"""Move the embedded SmolLM2 GGUF (~94 MiB) to the GPU machine, whose calls carry at most 64 MiB each.
+
+Here:   .venv/bin/python bench/gguf_parts.py split          -> .gguf-a/part, .gguf-b/part (git-ignored), sha256
+There:  call 1 carries [".gguf-a"]: python3 bench/gguf_parts.py stash .gguf-a      (copies the part to /tmp)
+        call 2 carries [".gguf-b"]: python3 bench/gguf_parts.py stash .gguf-b
+        call 3 carries [".gpu"]:    python3 bench/gguf_parts.py join OUT_DIR           (joins, checks sha256, converts
+                                                                                         to an HF folder in OUT_DIR)
+Back-to-back calls: the machine keeps /tmp only while it stays warm (~30 s after a call).
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = (".gguf-a", ".gguf-b")
+STASH = Path("/tmp/gguf-parts")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split() -> None:
+    sys.path.insert(0, str(ROOT))
+    from sglang_tca.embedded_model import gguf_path
+
+    src = gguf_path()
+    data = src.read_bytes()
+    half = (len(data) + 1) // 2
+    for name, piece in zip(PARTS, (data[:half], data[half:])):
+        (ROOT / name).mkdir(exist_ok=True)
+        (ROOT / name / "part").write_bytes(piece)
+    (ROOT / PARTS[0] / "sha256").write_text(sha256(src))
+    print(f"split {src.name} ({len(data) / 2**20:.1f} MiB) into {PARTS}")
+
+
+def stash(part_dir: str) -> None:
+    STASH.mkdir(parents=True, exist_ok=True)
+    for f in Path(part_dir).iterdir():
+        shutil.copy(f, STASH / f"{Path(part_dir).name}.{f.name}")
+    print(f"stashed {part_dir} in {STASH}: {sorted(p.name for p in STASH.iterdir())}")
+
+
+def join(out_dir: str) -> None:
+    want = (STASH / f"{PARTS[0]}.sha256").read_text().strip()
+    gguf = STASH / "model.gguf"
+    with open(gguf, "wb") as out:
+        for name in PARTS:
+            out.write((STASH / f"{name}.part").read_bytes())
+    got = sha256(gguf)
+    if got != want:
+        sys.exit(f"error: joined GGUF sha256 {got} != {want}")
+    sys.path.insert(0, str(ROOT))
+    from sglang_tca.embedded_model import convert_gguf
+
+    convert_gguf(gguf, out_dir)
+    print(f"GGUF ok ({got[:16]}), HF folder in {out_dir}")
+
+
+if __name__ == "__main__":
+    cmd, *rest = sys.argv[1:] or ["help"]
+    {"split": split, "stash": stash, "join": join}.get(cmd, lambda *_: sys.exit(__doc__))(*rest)

@@ -1,0 +1,123 @@
+"""The "tca" attention backend: SGLang's Triton backend with TCA selection and sparse attention.
+
+Per layer and batch, in extend (prefill chunks) and decode alike:
+  1. save the batch's K/V into SGLang's pool (unchanged pool, unchanged allocator);
+  2. every token that ends a block j >= 1 selects that block from its own query (scoring "block_last") and stores the
+     b-bit keep mask at its KV slot (`slot_state.select_at_slots`; static shapes, so decode CUDA graphs capture it);
+  3. attention: each query sees the sink, the kept tokens of blocks that left its window and its dense window:
+     the masks become per-(request, KV head) kept lists (`kernels.kept_lists`), which
+     `kernels.sparse_attention.tca_sparse_attention` reads. Batches in which no
+     sequence is long enough to have a compressed block run SGLang's dense Triton kernels unchanged (identical
+     results by construction: TCA only differs from dense once a block has left the window).
+The radix cache is SGLang's own: a request that reuses a cached prefix reads the masks stored at the prefix's slots.
+"""
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+from sglang_tca.config import load_runtime
+from sglang_tca.kernels.kept_lists import kept_lists_from_bits
+from sglang_tca.kernels.sparse_attention import tca_sparse_attention
+from sglang_tca.slot_state import bits_dtype_check, select_at_slots
+
+
+class TCAAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner, *args, **kwargs):
+        super().__init__(model_runner, *args, **kwargs)
+        rt = load_runtime(model_runner.server_args.model_path)
+        budgets = rt.for_rank(model_runner.tp_rank, model_runner.tp_size)
+        if budgets.scoring != "block_last":
+            raise ValueError(f"the server implements scoring 'block_last'; the budgets file uses {budgets.scoring!r}")
+        self.block, self.window = rt.block, rt.window
+        bits_dtype_check(self.block)
+        dev = model_runner.device
+        self.thresholds = budgets.thresholds.to(dev)                                    # [L, Hkv_local, Kn-1]
+        n_layers = model_runner.model_config.num_hidden_layers
+        if self.thresholds.shape[:2] != (n_layers, self.num_kv_head):
+            raise ValueError(f"budgets cover {tuple(self.thresholds.shape[:2])} (layers, KV heads) on this rank; "
+                             f"the model has {(n_layers, self.num_kv_head)}")
+        n_slots = self.token_to_kv_pool.size + self.token_to_kv_pool.page_size
+        self.slot_bits = torch.zeros(n_layers, n_slots, self.num_kv_head, dtype=torch.int64, device=dev)
+        self._sparse_from = self.window + 2 * self.block        # shortest sequence with a compressed block
+        self._ctx = model_runner.model_config.context_len
+        self._decode_kept = torch.empty(0, dtype=torch.int32, device=dev)   # kept-list capacity, bs * ctx * Hkv
+        self._arange = torch.arange(0, dtype=torch.int32, device=dev)
+
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._grow_decode_buffers(max_bs)      # before capture: graphs keep these pointers
+
+    def _grow_decode_buffers(self, bs):
+        if self._arange.numel() < bs + 1:
+            self._arange = torch.arange(bs + 1, dtype=torch.int32, device=self._arange.device)
+        need = bs * self._ctx * self.num_kv_head
+        if self._decode_kept.numel() < need:
+            self._decode_kept = torch.empty(need, dtype=torch.int32, device=self._decode_kept.device)
+
+    # -- per batch ------------------------------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self._set_tca_metadata(forward_batch)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        self._set_tca_metadata(forward_batch)
+
+    def _set_tca_metadata(self, fb):
+        mode = fb.forward_mode
+        if mode.is_decode_or_idle():
+            bs = fb.batch_size
+            self._grow_decode_buffers(bs)
+            self._req_rows = fb.req_pool_indices
+            self._q_start = fb.positions          # a static buffer under CUDA graphs (seq_len - 1 per request)
+            self._last = fb.positions
+            self._qo_indptr = self._arange[: bs + 1]
+            self._kept_pos = self._decode_kept
+            self._max_q = 1
+            # decode graphs are captured once for all lengths: always take the sparse path there
+            self._sparse = True
+        else:
+            lens = fb.extend_seq_lens
+            self._req_rows = torch.repeat_interleave(fb.req_pool_indices, lens, output_size=fb.extend_num_tokens)
+            self._q_start = fb.extend_prefix_lens
+            self._last = fb.seq_lens - 1
+            self._qo_indptr = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+            self._kept_pos = torch.empty(int(sum(fb.seq_lens_cpu)) * self.num_kv_head, dtype=torch.int32,
+                                         device=lens.device)
+            self._max_q = max(fb.extend_seq_lens_cpu)
+            self._sparse = int(max(fb.seq_lens_cpu)) >= self._sparse_from
+
+    # -- per layer ------------------------------------------------------------------------------------------------
+    def _select(self, q, layer, fb):
+        k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        select_at_slots(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), fb.positions, fb.out_cache_loc,
+                        self._req_rows, self.req_to_token, k_buf, self.thresholds[layer.layer_id],
+                        self.slot_bits[layer.layer_id], self.block, layer.scaling)
+
+    def _sparse_attention(self, q, layer, fb):
+        o = torch.empty_like(q)
+        k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        kept_indptr = kept_lists_from_bits(self.slot_bits[layer.layer_id], self.req_to_token, fb.req_pool_indices,
+                                           self._last, self.block, self.window, self._kept_pos)
+        tca_sparse_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k_buf, v_buf, self.req_to_token,
+                             fb.req_pool_indices, self._q_start, self._qo_indptr, kept_indptr, self._kept_pos,
+                             self.block, self.window, layer.scaling,
+                             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_q_len=self._max_q)
+        return o
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if not self._sparse:
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+            self._select(q, layer, forward_batch)           # K/V are saved now; blocks completing here still select
+            return o
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        self._select(q, layer, forward_batch)
+        return self._sparse_attention(q, layer, forward_batch)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        self._select(q, layer, forward_batch)
+        return self._sparse_attention(q, layer, forward_batch)
