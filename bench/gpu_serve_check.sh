@@ -2,7 +2,7 @@
 # Device-machine command for bench/serve_check.py after the two GGUF parts were stashed (see bench/gguf_parts.py):
 #   source .gpu/env.sh && bash bench/gpu_serve_check.sh
 set -uo pipefail
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" OUT="${OUT:-/tmp/out}"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" OUT="${OUT:-/tmp/out}" SGLANG_TCA_ESSAYS="$PWD/.data/PaulGrahamEssays.json"
 mkdir -p "$OUT"
 [ -f /tmp/smollm2/config.json ] || python3 bench/gguf_parts.py join /tmp/smollm2 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -26,7 +26,7 @@ LENGTHS = (100, 1000, 2000, 4000, 8000)
 
 
 def engine(model, backend, budgets=None, **kw):
-    import sglang as sgl
+    from sglang.srt.entrypoints.engine import Engine
 
     from sglang_tca import plugin
     from sglang_tca.config import TCAConfig
@@ -35,11 +35,11 @@ def engine(model, backend, budgets=None, **kw):
         TCAConfig(budgets=str(budgets)).to_env(os.environ)
     plugin.register()
 
-    class TCAEngine(sgl.Engine):
+    class TCAEngine(Engine):
         run_scheduler_process_func = staticmethod(plugin.run_scheduler_process)
 
     return TCAEngine(model_path=str(model), attention_backend=backend, disable_prefill_cuda_graph=True,
-                     log_level="error", mem_fraction_static=0.5, **kw)
+                     log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
 
 
 def generate(eng, prompts, max_new=32):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.runtime_context import get_parallel
 
 from sglang_tca.config import load_runtime
 from sglang_tca.kernels.kept_lists import kept_lists_from_bits
@@ -26,7 +27,7 @@ class TCAAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
         rt = load_runtime(model_runner.server_args.model_path)
-        budgets = rt.for_rank(model_runner.tp_rank, model_runner.tp_size)
+        budgets = rt.for_rank(get_parallel().attn_tp_rank, get_parallel().attn_tp_size)
         if budgets.scoring != "block_last":
             raise ValueError(f"the server implements scoring 'block_last'; the budgets file uses {budgets.scoring!r}")
         self.block, self.window = rt.block, rt.window

