@@ -94,7 +94,7 @@ class TCAAttnBackend(TritonAttnBackend):
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         select_at_slots(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), fb.positions, fb.out_cache_loc,
                         self._req_rows, self.req_to_token, k_buf, self.thresholds[layer.layer_id],
-                        self.slot_bits[layer.layer_id], self.block)
+                        self.slot_bits[layer.layer_id], self.block, layer.scaling)
 
     def _sparse_attention(self, q, layer, fb):
         o = torch.empty_like(q)

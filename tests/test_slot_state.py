@@ -33,7 +33,7 @@ class FakePool:
         self.k[slots.long()] = k                                                     # the backend saves K/V first
         pos = torch.arange(start, start + T)
         select_at_slots(q, pos, slots.long(), torch.full((T,), row), self.req_to_token, self.k, thresholds(),
-                        self.bits, B)
+                        self.bits, B, D ** -0.5)
 
 
 def reference_kept(q, k, L):
