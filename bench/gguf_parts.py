@@ -9,35 +9,25 @@ Back-to-back calls: the machine keeps /tmp only while it stays warm (~30 s after
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sglang_tca.embedded_model import convert_gguf, file_sha256, gguf_path  # noqa: E402
 PARTS = (".gguf-a", ".gguf-b")
 STASH = Path("/tmp/gguf-parts")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def split() -> None:
-    sys.path.insert(0, str(ROOT))
-    from sglang_tca.embedded_model import gguf_path
-
     src = gguf_path()
     data = src.read_bytes()
     half = (len(data) + 1) // 2
     for name, piece in zip(PARTS, (data[:half], data[half:])):
         (ROOT / name).mkdir(exist_ok=True)
         (ROOT / name / "part").write_bytes(piece)
-    (ROOT / PARTS[0] / "sha256").write_text(sha256(src))
+    (ROOT / PARTS[0] / "sha256").write_text(file_sha256(src))
     print(f"split {src.name} ({len(data) / 2**20:.1f} MiB) into {PARTS}")
 
 
@@ -54,12 +44,9 @@ def join(out_dir: str) -> None:
     with open(gguf, "wb") as out:
         for name in PARTS:
             out.write((STASH / f"{name}.part").read_bytes())
-    got = sha256(gguf)
+    got = file_sha256(gguf)
     if got != want:
         sys.exit(f"error: joined GGUF sha256 {got} != {want}")
-    sys.path.insert(0, str(ROOT))
-    from sglang_tca.embedded_model import convert_gguf
-
     convert_gguf(gguf, out_dir)
     print(f"GGUF ok ({got[:16]}), HF folder in {out_dir}")
 
