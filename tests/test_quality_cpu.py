@@ -1,0 +1,35 @@
+"""Selection quality on the real embedded model (small CPU case of bench/quality_cpu.py): with the shipped budgets,
+TCA stays close to dense on held-out essay text while actually pruning."""
+import torch
+
+from sglang_tca.algorithm import kept_fraction
+from sglang_tca.budgets import Budgets
+from sglang_tca.config import discover_budgets
+
+
+def test_shipped_budgets_close_to_dense_on_heldout_text(smollm2_dir):
+    import sglang_tca.hf_attention as hfa
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_tca.essays import essay_split
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="tca").eval()
+    budgets = Budgets.load(discover_budgets(smollm2_dir, is_embedded=True))
+    L = 1600
+    ids = tok(essay_split("heldout"), return_tensors="pt", add_special_tokens=False).input_ids[:, 2000:2000 + L]
+    tca = hfa.TCA(budgets)
+    with torch.no_grad():
+        with hfa.attention_policy(hfa.Dense()):
+            dense = model(input_ids=ids, use_cache=False).logits[0]
+        with hfa.attention_policy(tca):
+            sparse = model(input_ids=ids, use_cache=False).logits[0]
+    start = budgets.window + 2 * budgets.block                  # positions where something is compressed
+    lp, lq = dense[start:].log_softmax(-1), sparse[start:].log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    agree = float((dense[start:].argmax(-1) == sparse[start:].argmax(-1)).float().mean())
+    kept = sum(kept_fraction(c, L, tca.params) for c in tca.counts.values()) / len(tca.counts)
+    print(f"KL {kl:.4f} top-1 agreement {agree:.3f} KV kept {kept:.3f}")
+    assert kept < 0.95                                           # it prunes
+    assert kl > 0                                                # and is not secretly dense
+    assert kl < 0.01 and agree > 0.95                            # measured 2026-11-24: see bench/results/quality_cpu.md
