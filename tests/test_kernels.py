@@ -30,7 +30,6 @@ from sglang_tca.algorithm import (TCAParams, block_scores, dense_start, masked_a
 tca_sparse_attention = _attn_mod.tca_sparse_attention
 tca_sparse_attention_ref = _attn_mod.tca_sparse_attention_ref
 select_blocks = _sel_mod.select_blocks
-select_blocks_torch = _sel_mod.select_blocks_torch
 
 # the interpreter's range() over tensor bounds triggers a NumPy deprecation warning per loop
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -217,7 +216,7 @@ def test_select_blocks_matches_algorithm(scoring):
     q_obs = q_full[:, obs].permute(1, 2, 0, 3).contiguous().to(DEV)        # [n, n_obs, Hq, D]
     rows = torch.full((nb,), row, device=DEV)
     want_keep = keep[:, : nb * p.block].view(hkv, nb, p.block).transpose(0, 1)
-    for fn in (select_blocks, select_blocks_torch):
+    for fn in (select_blocks,):
         res = fn(q_obs, k_buf, r2t, rows, js.to(DEV), thr, p.block)
         assert torch.equal(res.keep.cpu(), want_keep), fn.__name__
         assert torch.equal(res.counts.cpu().long(), counts.t().long()), fn.__name__

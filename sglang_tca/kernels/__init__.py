@@ -9,8 +9,8 @@
 Only torch and triton are imported here (no sglang), so the kernels also run on a bare GPU box and on CPU under
 TRITON_INTERPRET=1 (fp32 / fp16 only there).
 """
-from sglang_tca.kernels.selection import SelectResult, select_blocks, select_blocks_torch
+from sglang_tca.kernels.selection import SelectResult, select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention, tca_sparse_attention_ref
 
-__all__ = ["tca_sparse_attention", "tca_sparse_attention_ref", "select_blocks", "select_blocks_torch",
+__all__ = ["tca_sparse_attention", "tca_sparse_attention_ref", "select_blocks",
            "SelectResult"]

@@ -13,10 +13,10 @@ j .. j + w/b - 1):
 exactly as `algorithm.block_scores`, `neff`, `block_keep_counts` and `keep_from_counts` do it (fp32 math).
 
 `select_blocks` is a Triton kernel, one program per (block, KV head), for b <= 128 (the [b, b] rank matrix lives in
-registers). `select_blocks_torch` is the same thing in vectorised torch (used as a cross-check and as a fallback for
-larger blocks). Both are cheap next to attention: a block becomes compressible once per b tokens per request, and a
-whole 32K prompt has ~500 blocks x Hkv programs of b x D work each; the Triton version mainly saves the ~15 small
-torch launches (gather, einsum, softmax, sort, argsort, ...) per layer.
+registers). It is cheap next to attention: a block becomes compressible once per b tokens per request, and a whole
+32K prompt has ~500 blocks x Hkv programs of b x D work each; over the same math in torch
+(`slot_state.scores_to_bits`, what the server runs today) it saves ~15 small launches per layer. Not yet used by the
+server: `_prep` builds `keep_counts` on the host, which decode CUDA-graph capture refuses; precompute it first.
 
 Output (`SelectResult`), for n blocks:
     keep     [n, Hkv, b] bool      kept tokens of each block
@@ -158,32 +158,3 @@ def select_blocks(q_obs: torch.Tensor, k_buffer: torch.Tensor, req_to_token: tor
             num_warps=4,
         )
     return SelectResult(keep.bool(), counts, kept_pos, scores, ne)
-
-
-def select_blocks_torch(q_obs: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                        req_pool_indices: torch.Tensor, block_idx: torch.Tensor, thresholds: torch.Tensor,
-                        block: int, keep_counts: Optional[torch.Tensor] = None) -> SelectResult:
-    """Vectorised torch version of `select_blocks` (same inputs and outputs), built from algorithm.py's pieces."""
-    from sglang_tca.algorithm import keep_from_counts, neff
-
-    q_obs, thr, kc = _prep(q_obs, thresholds, block, keep_counts, k_buffer.device)
-    n, n_obs, Hq, D = q_obs.shape
-    Hkv = k_buffer.shape[1]
-    g = Hq // Hkv
-    dev = k_buffer.device
-    pos = block_idx.long()[:, None] * block + torch.arange(block, device=dev)              # [n, b]
-    slots = req_to_token[req_pool_indices.long()[:, None], pos].long()                      # [n, b]
-    k = k_buffer[slots].float()                                                             # [n, b, Hkv, D]
-    qf = q_obs.float().view(n, n_obs, Hkv, g, D)
-    s = torch.einsum("nohgd,nbhd->nhgob", qf, k) / math.sqrt(D)                            # [n, Hkv, g, o, b]
-    a = s.softmax(-1).mean(-2).amax(2)                                                      # [n, Hkv, b]
-    metric = neff(a)                                                                         # [n, Hkv]
-    idx = torch.searchsorted(thr, metric.t().contiguous(), right=True).t()                  # [n, Hkv]
-    counts = kc[idx].to(torch.int32)
-    counts = torch.where((block_idx == 0)[:, None], torch.full_like(counts, block), counts)
-    keep = keep_from_counts(a, counts)
-    posb = pos[:, None, :].expand(n, Hkv, block).to(torch.int32)
-    big = torch.iinfo(torch.int32).max
-    kept_pos = torch.where(keep, posb, torch.full_like(posb, big)).sort(-1).values
-    kept_pos = torch.where(kept_pos == big, torch.full_like(kept_pos, -1), kept_pos)
-    return SelectResult(keep, counts, kept_pos, a, metric)
