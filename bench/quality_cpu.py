@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_tca.algorithm import kept_fraction  # noqa: E402
 from sglang_tca.budgets import Budgets  # noqa: E402
-from sglang_tca.hf_attention import TCA, Dense, attention_policy  # noqa: E402
+from sglang_tca.hf_attention import TCA, Dense, attention_policy, logit_fidelity  # noqa: E402
 
 DEPTHS = (0.2, 0.5, 0.8)
 
@@ -30,7 +29,7 @@ DEPTHS = (0.2, 0.5, 0.8)
 def mean_kept(policy, n):
     if not isinstance(policy, TCA):
         return 1.0
-    return sum(kept_fraction(c, n, policy.params) for c in policy.counts.values()) / len(policy.counts)
+    return policy.kept_fraction(n)
 
 
 def passkey(model, tok, policy, length, depth, key):
@@ -77,9 +76,7 @@ def main(argv=None):
             kept = mean_kept(pol, L)
             ref = lg if ref is None else ref
             start = (pol.params.window + 2 * pol.params.block) if pol.params else 0
-            lp, lq = ref[start:].log_softmax(-1), lg[start:].log_softmax(-1)
-            kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
-            agree = float((ref[start:].argmax(-1) == lg[start:].argmax(-1)).float().mean())
+            kl, agree = logit_fidelity(ref[start:], lg[start:])
             hits = []
             for i, depth in enumerate(DEPTHS):
                 ok, _, text = passkey(model, tok, pol, L, depth, 10000 + 7919 * (i + 1) % 90000)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from sglang_tca.algorithm import TCAParams, masked_attention, select, visible
+from sglang_tca.algorithm import TCAParams, kept_fraction, masked_attention, select, visible
 from sglang_tca.budgets import Budgets
 
 IMPL = "tca"
@@ -42,6 +42,17 @@ class TCA(Policy):
     def keep(self, layer, q, k):
         keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params)
         return keep
+
+    def kept_fraction(self, n: int) -> float:
+        """Share of the dense KV kept at length n by the last run, mean over layers and KV heads."""
+        return sum(kept_fraction(c, n, self.params) for c in self.counts.values()) / len(self.counts)
+
+
+def logit_fidelity(dense: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(mean next-token KL(dense || other), top-1 agreement) of logits [L, V] over the same positions."""
+    lp, lq = dense.float().log_softmax(-1), other.float().log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return kl, float((dense.argmax(-1) == other.argmax(-1)).float().mean())
 
 
 @dataclass
