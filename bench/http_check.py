@@ -63,7 +63,7 @@ def conversation(url, doc, questions):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", required=True)
+    ap.add_argument("--budgets", default=str(ROOT / "sglang_tca" / "data" / "smollm2_budgets.json"))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/http_check"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -26,20 +26,12 @@ LENGTHS = (100, 1000, 2000, 4000, 8000)
 
 
 def engine(model, backend, budgets=None, **kw):
-    from sglang.srt.entrypoints.engine import Engine
-
-    from sglang_tca import plugin
     from sglang_tca.config import TCAConfig
+    from sglang_tca.engine import Engine
 
-    if budgets is not None:
-        TCAConfig(budgets=str(budgets)).to_env(os.environ)
-    plugin.register()
-
-    class TCAEngine(Engine):
-        run_scheduler_process_func = staticmethod(plugin.run_scheduler_process)
-
-    return TCAEngine(model_path=str(model), attention_backend=backend, disable_prefill_cuda_graph=True,
-                     log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
+    tca = TCAConfig(budgets=str(budgets)) if budgets is not None else None
+    return Engine(model_path=str(model), attention_backend=backend, tca=tca, disable_prefill_cuda_graph=True,
+                  log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
 
 
 def generate(eng, prompts, max_new=32):
@@ -50,7 +42,7 @@ def generate(eng, prompts, max_new=32):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", required=True)
+    ap.add_argument("--budgets", default=str(ROOT / "sglang_tca" / "data" / "smollm2_budgets.json"))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/serve_check"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -52,23 +52,14 @@ def kept_fraction(b, n):
 
 
 def run(backend, out: Path):
-    from sglang.srt.entrypoints.engine import Engine
-
-    from sglang_tca import plugin
     from sglang_tca.config import TCAConfig
+    from sglang_tca.engine import Engine
 
-    kw = {}
-    if backend == "tca":
-        TCAConfig(budgets=str(out / "llama8b_budgets.json")).to_env(os.environ)
-        plugin.register()
-
-    class E(Engine):
-        run_scheduler_process_func = staticmethod(plugin.run_scheduler_process)
-
+    tca = TCAConfig(budgets=str(out / "llama8b_budgets.json")) if backend == "tca" else None
     t0 = time.time()
-    eng = E(model_path=str(MODEL), load_format="dummy", skip_tokenizer_init=True, attention_backend=backend,
-            context_length=131072, mem_fraction_static=0.85, disable_prefill_cuda_graph=True,
-            cuda_graph_max_bs_decode=8, log_level="error", **kw)
+    eng = Engine(model_path=str(MODEL), load_format="dummy", skip_tokenizer_init=True, attention_backend=backend,
+                 tca=tca, context_length=131072, mem_fraction_static=0.85, disable_prefill_cuda_graph=True,
+                 cuda_graph_max_bs_decode=8, log_level="error")
     res = {"backend": backend, "start_s": round(time.time() - t0, 1)}
     import random
 

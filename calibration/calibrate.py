@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -65,36 +66,75 @@ def layer_budget(q: torch.Tensor, k: torch.Tensor, p: TCAParams, P: torch.Tensor
     keep = keep_from_counts(a[:, None, 1:].expand(-1, M, -1, -1), counts).flatten(2).float()   # [Hkv, M, (nb-1)*b]
     kept = torch.einsum("hgst,hmt->hgsm", Ac.view(hkv, g, -1, Ac.shape[-1]), keep)  # [Hkv, g, S, M]
     dropped = (1 - base.view(hkv, g, -1, 1) - kept).clamp_min(0).amax(1).mean(1)  # [Hkv, M]
+    return cheapest_within(dropped, eps), dropped, thr
+
+
+def cheapest_within(dropped: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per head, the first (cheapest) candidate whose dropped mass is <= eps, else the last one (keep-all).
+    dropped [..., M] over candidates sorted by rho."""
     ok = dropped <= eps
-    choice = torch.where(ok.any(1), ok.float().argmax(1), torch.full((hkv,), M - 1, device=q.device))
-    return choice, dropped, thr
+    return torch.where(ok.any(-1), ok.float().argmax(-1), torch.full(ok.shape[:-1], ok.shape[-1] - 1,
+                                                                     device=ok.device))
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass measured for every candidate: budgets for any eps, and their uniform twin."""
+    shape: ModelShape
+    block: int
+    window: int
+    scoring: str
+    P: torch.Tensor          # [M, Kn] candidate keep distributions, sorted by rho
+    rho: torch.Tensor        # [M]
+    dropped: torch.Tensor    # [L, H, M] mean dropped attention mass
+    thr: torch.Tensor        # [L, H, M, Kn-1] thresholds that realise each candidate on the calibration text
+    info: dict
+
+    def _budgets(self, choice: torch.Tensor, eps: float, **extra) -> Budgets:
+        idx = choice[..., None, None].expand(-1, -1, 1, self.thr.shape[-1])
+        err = self.dropped.gather(-1, choice[..., None])[..., 0]
+        return Budgets(self.shape, self.block, self.window, eps, self.scoring, "neff", self.P[choice],
+                       self.thr.gather(2, idx)[:, :, 0], {**self.info, **extra, "dropped_mass": err.tolist()})
+
+    def budgets(self, eps: float) -> Budgets:
+        """Each head gets the cheapest candidate whose dropped mass is <= eps (the TCA budgets)."""
+        return self._budgets(cheapest_within(self.dropped, eps), eps)
+
+    def uniform(self, like: Budgets) -> Budgets:
+        """Ablation of the per-head budgets: every head gets the one candidate whose rho is closest to the mean rho
+        of `like` (same KV budget on average), each head's thresholds still fitted to its own metric."""
+        m = int((self.rho - float(like.rho.mean())).abs().argmin())
+        choice = torch.full(self.dropped.shape[:2], m, dtype=torch.long)
+        return self._budgets(choice, like.eps, uniform_of_eps=like.eps)
 
 
 def calibrate(model, input_ids: torch.Tensor, *, eps: float, block: int, window: int, scoring: str,
               n_rows: int = 512, progress=None, provenance: dict | None = None) -> Budgets:
     """Run `model` (a transformers causal LM loaded with attn_implementation="tca") once over input_ids [1, L]."""
+    return measure(model, input_ids, block=block, window=window, scoring=scoring, n_rows=n_rows, progress=progress,
+                   provenance=provenance).budgets(eps)
+
+
+def measure(model, input_ids: torch.Tensor, *, block: int, window: int, scoring: str, n_rows: int = 512,
+            progress=None, provenance: dict | None = None) -> Calibration:
+    """The calibration forward pass: every candidate's dropped mass and thresholds, per (layer, KV head)."""
     from sglang_tca.hf_attention import Dense, attention_policy
 
     p = TCAParams(block, window, scoring)
     shape = ModelShape.from_hf_config(model.config)
     P, rho = candidates(block)
-    kn = len(keep_counts_for(block))
-    out_p = torch.empty(shape.num_layers, shape.num_kv_heads, kn)
-    out_t = torch.empty(shape.num_layers, shape.num_kv_heads, kn - 1)
-    err = torch.empty(shape.num_layers, shape.num_kv_heads)
+    kn, M = len(keep_counts_for(block)), P.shape[0]
+    dropped = torch.empty(shape.num_layers, shape.num_kv_heads, M)
+    thr = torch.empty(shape.num_layers, shape.num_kv_heads, M, kn - 1)
     sample_rows(input_ids.shape[1], p, n_rows)                                       # fail early if too short
 
     def on_layer(layer, q, k):
-        choice, dropped, thr = layer_budget(q, k, p, P.to(q.device), eps, n_rows)
-        h = torch.arange(k.shape[0], device=q.device)
-        out_p[layer] = P[choice.cpu()]
-        out_t[layer] = thr[h, choice].cpu()
-        err[layer] = dropped[h, choice].cpu()
+        _, dropped[layer], thr[layer] = (t.cpu() for t in layer_budget(q, k, p, P.to(q.device), 0.0, n_rows))
         if progress is not None:
             progress(layer)
 
     with attention_policy(Dense(), on_layer=on_layer), torch.no_grad():
         model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
     info = {"date": datetime.date.today().isoformat(), "tokens": int(input_ids.shape[1]), "rows": n_rows,
-            "candidates": int(P.shape[0]), "dropped_mass": err.tolist(), "torch": torch.__version__}
-    return Budgets(shape, block, window, eps, scoring, "neff", out_p, out_t, {**(provenance or {}), **info})
+            "candidates": M, "torch": torch.__version__}
+    return Calibration(shape, block, window, scoring, P, rho, dropped, thr, {**(provenance or {}), **info})

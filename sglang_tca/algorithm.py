@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_tca.budgets import Budgets
+from sglang_tca.config import POLICIES
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,12 @@ class TCAParams:
     block: int = 64
     window: int = 1024
     scoring: str = "block_last"   # or "window"
+    policy: str = "tca"           # or an evaluation baseline, see `apply_policy`
 
     @property
     def n_obs(self) -> int:
         """Observation queries per block: its own last query, or the last queries of the w/b blocks from it on."""
         return 1 if self.scoring == "block_last" else self.window // self.block
-
-    @classmethod
-    def from_budgets(cls, budgets: Budgets) -> "TCAParams":
-        return cls(budgets.block, budgets.window, budgets.scoring)
 
 
 def dense_start(n, block: int, window: int):
@@ -108,10 +105,37 @@ def keep_from_counts(a: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return rank < counts[..., None]
 
 
-def select(q: torch.Tensor, k: torch.Tensor, thresholds: torch.Tensor, p: TCAParams):
+def hash_scores(pos: torch.Tensor, head: torch.Tensor, layer: int) -> torch.Tensor:
+    """A fixed pseudo-random int64 score per (layer, global KV head, token position), broadcast over pos and head:
+    the same in every run, on every device and tensor-parallel rank, and a function of the position only (so a
+    random selection is prefix-pure too)."""
+    m = 0xFFFFFFFF
+    x = (pos.long() * 0x9E3779B1 + head.long() * 0x85EBCA77 + layer * 0xC2B2AE3D) & m
+    for mul in (0x7FEB352D, 0x846CA68B):                   # two rounds of a 32-bit integer mixer
+        x = ((x ^ (x >> 16)) * mul) & m
+    return x ^ (x >> 16)
+
+
+def apply_policy(a: torch.Tensor, counts: torch.Tensor, policy: str, pos: torch.Tensor, head: torch.Tensor,
+                 layer: int):
+    """(ranking scores, keep counts) of compressed blocks under a selection policy. "tca" leaves them as they are.
+    The evaluation baselines keep TCA's shapes: "random" keeps TCA's per-block counts (the same KV budget) but ranks
+    the tokens by `hash_scores`; "streaming" keeps no token of a compressed block (StreamingLLM: sink + window).
+    a [..., b] scores, counts [...]; pos (token positions) and head (global KV head ids) broadcast to a's shape."""
+    if policy == "random":
+        return hash_scores(pos, head, layer).expand(a.shape), counts
+    if policy == "streaming":
+        return a, torch.zeros_like(counts)
+    if policy != "tca":
+        raise ValueError(f"unknown selection policy {policy!r}; expected one of {POLICIES}")
+    return a, counts
+
+
+def select(q: torch.Tensor, k: torch.Tensor, thresholds: torch.Tensor, p: TCAParams, layer: int = 0):
     """keep [Hkv, L] bool for a prompt of length L = k.shape[1]: True for the sink, for kept tokens of selectable
     blocks, and for every token of blocks not yet selectable (they are still in the dense window). Also returns
-    the per-block keep counts [Hkv, nb] of the selectable blocks (block 0 included as b)."""
+    the per-block keep counts [Hkv, nb] of the selectable blocks (block 0 included as b). `layer` only matters
+    for p.policy == "random"; the heads are taken as global KV heads 0..Hkv-1."""
     hkv, L, _ = k.shape
     nb = num_selectable_blocks(L, p)
     keep = torch.ones(hkv, L, dtype=torch.bool, device=k.device)
@@ -119,6 +143,8 @@ def select(q: torch.Tensor, k: torch.Tensor, thresholds: torch.Tensor, p: TCAPar
         return keep, torch.full((hkv, nb), p.block, device=k.device)
     a = block_scores(q, k, p, nb)
     counts = block_keep_counts(neff(a), thresholds, p.block)
+    pos = torch.arange(nb * p.block, device=k.device).view(1, nb, p.block)
+    a, counts = apply_policy(a, counts, p.policy, pos, torch.arange(hkv, device=k.device).view(hkv, 1, 1), layer)
     counts[:, 0] = p.block                                                              # sink stays dense
     keep[:, : nb * p.block] = keep_from_counts(a, counts).flatten(1)
     return keep, counts
@@ -173,6 +199,8 @@ class PrunedKVCache:
     gone. Outputs must equal `tca_attention` on the full sequence (tests/test_algorithm.py)."""
 
     def __init__(self, thresholds: torch.Tensor, p: TCAParams, scale: float):
+        if p.policy != "tca":
+            raise ValueError(f"PrunedKVCache implements the 'tca' policy only, got {p.policy!r}")
         self.t, self.p, self.scale = thresholds, p, scale
         self.n = 0                        # tokens seen
         self.k = self.v = None            # dense tail [Hkv, T, D]; the tail starts at position self.tail_start

@@ -10,14 +10,20 @@ Per layer and batch, in extend (prefill chunks) and decode alike:
      sequence is long enough to have a compressed block run SGLang's dense Triton kernels unchanged (identical
      results by construction: TCA only differs from dense once a block has left the window).
 The radix cache is SGLang's own: a request that reuses a cached prefix reads the masks stored at the prefix's slots.
+With SGLANG_TCA_STATS=FILE (evaluation only: it reads device values on the host) every extend batch appends, per
+request, the share of its KV that its last token sees (`_record_kept`).
 """
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.runtime_context import get_parallel
 
-from sglang_tca.config import load_runtime
+from sglang_tca.algorithm import dense_start
+from sglang_tca.config import STATS_ENV, load_runtime
 from sglang_tca.kernels.kept_lists import kept_lists_from_bits
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.slot_state import bits_dtype_check, select_at_slots
@@ -27,12 +33,14 @@ class TCAAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner, *args, **kwargs):
         super().__init__(model_runner, *args, **kwargs)
         rt = load_runtime(model_runner.server_args.model_path)
-        budgets = rt.for_rank(get_parallel().attn_tp_rank, get_parallel().attn_tp_size)
+        tp_rank, tp_size = get_parallel().attn_tp_rank, get_parallel().attn_tp_size
+        budgets = rt.for_rank(tp_rank, tp_size)
         if budgets.scoring != "block_last":
             raise ValueError(f"the server implements scoring 'block_last'; the budgets file uses {budgets.scoring!r}")
-        self.block, self.window = rt.block, rt.window
+        self.block, self.window, self.policy = rt.block, rt.window, rt.policy
         bits_dtype_check(self.block)
         dev = model_runner.device
+        self.kv_heads = torch.tensor(list(rt.budgets.rank_kv_heads(tp_rank, tp_size)), device=dev)  # global ids
         self.thresholds = budgets.thresholds.to(dev)                                    # [L, Hkv_local, Kn-1]
         n_layers = model_runner.model_config.num_hidden_layers
         if self.thresholds.shape[:2] != (n_layers, self.num_kv_head):
@@ -44,6 +52,8 @@ class TCAAttnBackend(TritonAttnBackend):
         self._ctx = model_runner.model_config.context_len
         self._decode_kept = torch.empty(0, dtype=torch.int32, device=dev)   # kept-list capacity, bs * ctx * Hkv
         self._arange = torch.arange(0, dtype=torch.int32, device=dev)
+        self._n_layers = n_layers
+        self._stats_path = os.environ.get(STATS_ENV) if tp_rank == 0 else None
 
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
         super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
@@ -76,6 +86,7 @@ class TCAAttnBackend(TritonAttnBackend):
             self._qo_indptr = self._arange[: bs + 1]
             self._kept_pos = self._decode_kept
             self._max_q = 1
+            self._max_len = self.req_to_token.shape[1]    # static bound: graphs are replayed for every length
             # decode graphs are captured once for all lengths: always take the sparse path there
             self._sparse = True
         else:
@@ -87,38 +98,61 @@ class TCAAttnBackend(TritonAttnBackend):
             self._kept_pos = torch.empty(int(sum(fb.seq_lens_cpu)) * self.num_kv_head, dtype=torch.int32,
                                          device=lens.device)
             self._max_q = max(fb.extend_seq_lens_cpu)
-            self._sparse = int(max(fb.seq_lens_cpu)) >= self._sparse_from
+            self._max_len = int(max(fb.seq_lens_cpu))
+            self._sparse = self._max_len >= self._sparse_from
 
     # -- per layer ------------------------------------------------------------------------------------------------
     def _select(self, q, layer, fb):
         k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         select_at_slots(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), fb.positions, fb.out_cache_loc,
                         self._req_rows, self.req_to_token, k_buf, self.thresholds[layer.layer_id],
-                        self.slot_bits[layer.layer_id], self.block, layer.scaling)
+                        self.slot_bits[layer.layer_id], self.block, layer.scaling, self.policy, self.kv_heads,
+                        layer.layer_id)
+
+    def _record_kept(self, layer, fb, kept_indptr):
+        """Evaluation statistics (SGLANG_TCA_STATS): the share of each request's KV its last token sees (sink + kept +
+        dense window) over its length, mean over layers and KV heads; one JSON line per request after the last
+        layer. kept_indptr None means the batch ran dense."""
+        n = fb.seq_lens.float()
+        seen = n[:, None].expand(-1, self.num_kv_head)
+        if kept_indptr is not None:
+            kept = kept_indptr.diff()[: n.numel() * self.num_kv_head].view(-1, self.num_kv_head).float()
+            tail = (n - dense_start(fb.seq_lens, self.block, self.window)).clamp_min(0)
+            seen = n.clamp(max=self.block)[:, None] + kept + tail[:, None]
+        self._kept_acc = seen.sum(1) + (self._kept_acc if layer.layer_id else 0)
+        if layer.layer_id == self._n_layers - 1:
+            share = self._kept_acc / (n * self._n_layers * self.num_kv_head)
+            with open(self._stats_path, "a") as f:
+                for length, s in zip(fb.seq_lens.tolist(), share.tolist()):
+                    f.write(json.dumps({"seq_len": length, "kept": round(s, 5), "policy": self.policy}) + "\n")
 
     def _sparse_attention(self, q, layer, fb):
         o = torch.empty_like(q)
         k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         kept_indptr = kept_lists_from_bits(self.slot_bits[layer.layer_id], self.req_to_token, fb.req_pool_indices,
-                                           self._last, self.block, self.window, self._kept_pos)
+                                           self._last, self.block, self.window, self._kept_pos, self._max_len)
         tca_sparse_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k_buf, v_buf, self.req_to_token,
                              fb.req_pool_indices, self._q_start, self._qo_indptr, kept_indptr, self._kept_pos,
                              self.block, self.window, layer.scaling,
                              out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_q_len=self._max_q)
-        return o
+        return o, kept_indptr
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        kept_indptr = None
         if not self._sparse:
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
             self._select(q, layer, forward_batch)           # K/V are saved now; blocks completing here still select
-            return o
-        if save_kv_cache:
-            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        self._select(q, layer, forward_batch)
-        return self._sparse_attention(q, layer, forward_batch)
+        else:
+            if save_kv_cache:
+                self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            self._select(q, layer, forward_batch)
+            o, kept_indptr = self._sparse_attention(q, layer, forward_batch)
+        if self._stats_path:
+            self._record_kept(layer, forward_batch, kept_indptr)
+        return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         self._select(q, layer, forward_batch)
-        return self._sparse_attention(q, layer, forward_batch)
+        return self._sparse_attention(q, layer, forward_batch)[0]

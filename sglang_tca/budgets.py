@@ -129,19 +129,23 @@ class Budgets:
                     f"({mine.architecture}), but {source} has {name}={getattr(shape, name)}; "
                     f"calibrate this model: python -m calibration --model PATH --out FILE")
 
-    def for_rank(self, tp_rank: int, tp_size: int) -> "Budgets":
-        """The KV heads a tensor-parallel rank owns (heads are replicated when tp_size > num_kv_heads)."""
+    def rank_kv_heads(self, tp_rank: int, tp_size: int) -> range:
+        """Global KV heads a tensor-parallel rank owns (one replicated head when tp_size > num_kv_heads)."""
         h = self.model.num_kv_heads
         if tp_size <= h:
             if h % tp_size:
                 raise BudgetsError(f"{h} KV heads cannot be split over tp_size={tp_size}")
             per = h // tp_size
-            sl = slice(tp_rank * per, (tp_rank + 1) * per)
-        else:
-            if tp_size % h:
-                raise BudgetsError(f"tp_size={tp_size} is not a multiple of {h} KV heads")
-            g = tp_rank // (tp_size // h)
-            sl = slice(g, g + 1)
+            return range(tp_rank * per, (tp_rank + 1) * per)
+        if tp_size % h:
+            raise BudgetsError(f"tp_size={tp_size} is not a multiple of {h} KV heads")
+        g = tp_rank // (tp_size // h)
+        return range(g, g + 1)
+
+    def for_rank(self, tp_rank: int, tp_size: int) -> "Budgets":
+        """The budgets of the KV heads a tensor-parallel rank owns (`rank_kv_heads`)."""
+        r = self.rank_kv_heads(tp_rank, tp_size)
+        sl = slice(r.start, r.stop)
         return Budgets(self.model, self.block, self.window, self.eps, self.scoring, self.metric,
                        self.p[:, sl].clone(), self.thresholds[:, sl].clone(), self.calibration)
 

@@ -1,7 +1,7 @@
 """`python launch.py` = `sglang_tca.cli.main(argv)`: an SGLang HTTP server with TCA attention.
 
     python launch.py [--model PATH] [--tca-budgets FILE] [--tca-window N] [--tca-block N]
-                     [--no-tca] [...any sglang server flag]
+                     [--tca-policy tca|random|streaming] [--no-tca] [...any sglang server flag]
 
 Our flags are parsed with `parse_known_args`; everything else goes to SGLang's `prepare_server_args` unchanged.
 `--model` (SGLang's own alias) / `--model-path` default to the embedded SmolLM2. TCA is on (`--attention-backend tca`)
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, TCAConfig, check_model_path
+from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, POLICIES, TCAConfig, check_model_path
 
 EXIT_BAD_INPUT = 2
 BACKEND = "tca"
@@ -38,6 +38,9 @@ def _tca_parser() -> argparse.ArgumentParser:
                         f"of the embedded model); to make one, {CALIBRATE_HINT}")
     g.add_argument("--tca-window", type=int, metavar="N", help="dense local window in tokens (default: the budgets')")
     g.add_argument("--tca-block", type=int, metavar="N", help="block size; must match the budgets' block")
+    g.add_argument("--tca-policy", choices=POLICIES, metavar="P",
+                   help="token selection: tca (default), or an evaluation baseline: random (TCA's budget, random "
+                        "tokens), streaming (sink + window only)")
     g.add_argument("--no-tca", action="store_true", help="serve with SGLang's default attention (dense baseline)")
     return p
 
@@ -110,16 +113,16 @@ def prepare(argv: Sequence[str], environ=None):
     chosen = peek.attention_backend
     use_tca = not ours.no_tca and chosen in (None, BACKEND)
     tca_flags = [f for f, v in (("--tca-budgets", ours.tca_budgets), ("--tca-window", ours.tca_window),
-                                ("--tca-block", ours.tca_block))
+                                ("--tca-block", ours.tca_block), ("--tca-policy", ours.tca_policy))
                  if v is not None]
     if ours.no_tca and chosen == BACKEND:
         raise CLIError("--no-tca contradicts --attention-backend tca")
     runtime = None
     if use_tca:
         cfg = TCAConfig(budgets=None if ours.tca_budgets is None else str(Path(ours.tca_budgets).expanduser().resolve()),
-                        window=ours.tca_window, block=ours.tca_block)
+                        window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy)
         runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
-        cfg = TCAConfig(budgets=runtime.budgets_path, window=cfg.window, block=cfg.block)
+        cfg = TCAConfig(budgets=runtime.budgets_path, window=cfg.window, block=cfg.block, policy=cfg.policy)
         cfg.to_env(environ)
         if chosen is None:
             rest = [*rest, "--attention-backend", BACKEND]

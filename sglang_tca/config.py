@@ -12,6 +12,8 @@ Fields (None means "default"):
                   multiple of the block size (a block leaves the window whole).
   block           block size b. Default and only accepted value: the budgets file's `block` (the keep distributions
                   p[l, h, k] are over k in {1, 2, ..., b}, so another b needs another calibration).
+  policy          token selection: "tca" (default) or an evaluation baseline, "random" (TCA's per-block counts,
+                  random tokens) or "streaming" (sink + window only); see `sglang_tca.algorithm.apply_policy`.
 Sequences shorter than w + 2b have nothing compressed: TCA is exactly dense there, and the backend runs SGLang's
 dense kernels for batches of such sequences.
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
 ENV_VAR = "SGLANG_TCA_CONFIG"
+STATS_ENV = "SGLANG_TCA_STATS"   # evaluation only: file the backend appends per-request KV-kept shares to
+POLICIES = ("tca", "random", "streaming")        # token selection policies, see sglang_tca.algorithm.apply_policy
 CONFIG_VERSION = 1
 BUDGETS_FILENAME = "tca_budgets.json"            # looked for in the model directory
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -48,6 +52,7 @@ class TCAConfig:
     budgets: str | None = None
     window: int | None = None
     block: int | None = None
+    policy: str | None = None
 
     def __post_init__(self):
         for name in ("window", "block"):
@@ -58,6 +63,8 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-window must be positive, got {self.window}")
         if self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
             raise TCAConfigError(f"--tca-block must be a positive power of two, got {self.block}")
+        if self.policy is not None and self.policy not in POLICIES:
+            raise TCAConfigError(f"--tca-policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.budgets is not None and not isinstance(self.budgets, str):
             raise TCAConfigError(f"TCA budgets must be a path string, got {self.budgets!r}")
 
@@ -111,7 +118,7 @@ class TCAConfig:
         if window < block or window % block:
             raise TCAConfigError(f"--tca-window {window} must be a positive multiple of the block size {block}")
         return TCARuntime(config=self, model_path=str(model_path), budgets_path=str(path), budgets=budgets,
-                          shape=shape, window=window, block=block)
+                          shape=shape, window=window, block=block, policy=self.policy or "tca")
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,7 @@ class TCARuntime:
     shape: Any              # sglang_tca.budgets.ModelShape
     window: int
     block: int
+    policy: str
 
     @property
     def sink(self) -> int:

@@ -33,14 +33,19 @@ class Dense(Policy):
 
 @dataclass
 class TCA(Policy):
+    """TCA with these budgets; `policy` "random" / "streaming" and a `window` override give the evaluation
+    baselines (see algorithm.apply_policy)."""
     budgets: Budgets
+    policy: str = "tca"
+    window: int | None = None
     counts: dict = field(default_factory=dict)     # layer -> per-block keep counts [Hkv, nb] of the last call
 
     def __post_init__(self):
-        self.params = TCAParams.from_budgets(self.budgets)
+        b = self.budgets
+        self.params = TCAParams(b.block, self.window or b.window, b.scoring, self.policy)
 
     def keep(self, layer, q, k):
-        keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params)
+        keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params, layer)
         return keep
 
     def kept_fraction(self, n: int) -> float:

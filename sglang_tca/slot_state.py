@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_tca.algorithm import block_keep_counts, keep_from_counts, neff
+from sglang_tca.algorithm import apply_policy, block_keep_counts, keep_from_counts, neff
 
 
 def bits_dtype_check(block: int) -> None:
@@ -36,34 +36,42 @@ def unpack_bits(bits: torch.Tensor, block: int) -> torch.Tensor:
     return ((bits[..., None] >> shifts) & 1).bool()
 
 
-def scores_to_bits(q_last: torch.Tensor, k_blk: torch.Tensor, thresholds: torch.Tensor, scale: float):
+def scores_to_bits(q_last: torch.Tensor, k_blk: torch.Tensor, thresholds: torch.Tensor, scale: float,
+                   policy: str = "tca", first_pos: torch.Tensor | None = None, heads: torch.Tensor | None = None,
+                   layer: int = 0):
     """Selection of n blocks from their last queries (scoring="block_last").
 
     q_last [n, Hq, D], k_blk [n, b, Hkv, D] (the block's keys), thresholds [Hkv, Kn-1] -> (bits [n, Hkv] int64,
-    counts [n, Hkv]). Same math as algorithm.block_scores/neff/block_keep_counts/keep_from_counts."""
+    counts [n, Hkv]). Same math as algorithm.block_scores/neff/block_keep_counts/keep_from_counts/apply_policy;
+    the "random" policy also needs the blocks' first positions [n], the global KV head ids [Hkv] and the layer."""
     n, hq, d = q_last.shape
     b, hkv = k_blk.shape[1], k_blk.shape[2]
     g = hq // hkv
     s = torch.einsum("nhgd,nbhd->nhgb", q_last.float().view(n, hkv, g, d), k_blk.float()) * scale
     a = s.softmax(-1).amax(2)                                                        # [n, Hkv, b]
     counts = block_keep_counts(neff(a).T.contiguous(), thresholds.float(), b).T        # [n, Hkv]
+    if policy != "tca":
+        pos = first_pos.view(n, 1, 1) + torch.arange(b, device=a.device)
+        a, counts = apply_policy(a, counts, policy, pos, heads.view(1, hkv, 1), layer)
     return pack_bits(keep_from_counts(a, counts)), counts
 
 
 def select_at_slots(q: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, req_rows: torch.Tensor,
                     req_to_token: torch.Tensor, k_buffer: torch.Tensor, thresholds: torch.Tensor,
-                    slot_bits: torch.Tensor, block: int, scale: float) -> None:
+                    slot_bits: torch.Tensor, block: int, scale: float, policy: str = "tca",
+                    heads: torch.Tensor | None = None, layer: int = 0) -> None:
     """For every token of the batch that ends a block j >= 1, select that block and store its mask at the token's
     slot. Tokens that end no block write to slot 0 (SGLang's padding slot), so shapes stay static (CUDA graphs).
 
     q [T, Hq, D] this layer's queries; positions, slots (out_cache_loc), req_rows (req_pool_idx per token) [T];
     req_to_token [R, C]; k_buffer [slots, Hkv, D]; slot_bits [slots, Hkv] int64 (this layer's, written in place).
-    The block's keys must already be in k_buffer (the caller saves the batch's K/V first)."""
+    The block's keys must already be in k_buffer (the caller saves the batch's K/V first). policy, heads (global KV
+    head ids of k_buffer's heads) and layer as in `scores_to_bits`."""
     ends = ((positions + 1) % block == 0) & (positions >= 2 * block - 1)
     start = (positions - block + 1).clamp_min(0)
     cols = start[:, None] + torch.arange(block, device=positions.device)             # [T, b]
     k_slots = req_to_token[req_rows[:, None].long(), cols.long()]                      # [T, b]
-    bits, _ = scores_to_bits(q, k_buffer[k_slots.long()], thresholds, scale)
+    bits, _ = scores_to_bits(q, k_buffer[k_slots.long()], thresholds, scale, policy, start, heads, layer)
     dest = torch.where(ends, slots, torch.zeros_like(slots))
     slot_bits[dest.long()] = torch.where(ends[:, None], bits, slot_bits[dest.long()])
 

@@ -137,3 +137,31 @@ def test_thresholds_reproduce_shares():
     # the most redundant blocks (smallest metric) get the smallest k
     order = metric[2].argsort()
     assert torch.all(counts[2, order].diff() >= 0)
+
+
+def test_policies_random_and_streaming():
+    """random keeps TCA's per-block counts (same KV budget) with other tokens; streaming keeps only sink + window;
+    both are prefix-pure like TCA."""
+    from sglang_tca.algorithm import hash_scores
+
+    g = torch.Generator().manual_seed(7)
+    L, hq, hkv, d = 400, 4, 2, 16
+    q, k = torch.randn(hq, L, d, generator=g), torch.randn(hkv, L, d, generator=g) * 2
+    t = torch.stack([torch.linspace(1.2, 6.0, 3), torch.linspace(1.05, 2.5, 3)])
+    keep, counts = {}, {}
+    for pol in ("tca", "random", "streaming"):
+        keep[pol], counts[pol] = select(q, k, t, TCAParams(8, 32, policy=pol), layer=1)
+    assert torch.equal(counts["random"], counts["tca"]) and not torch.equal(keep["random"], keep["tca"])
+    assert torch.equal(keep["random"].sum(1), keep["tca"].sum(1))
+    nb = counts["tca"].shape[1]
+    assert not keep["streaming"][:, 8: nb * 8].any() and keep["streaming"][:, :8].all()
+    assert keep["streaming"][:, nb * 8:].all()
+    p = TCAParams(8, 32)
+    assert kept_fraction(counts["streaming"], L, p) < kept_fraction(counts["tca"], L, p)
+    short, _ = select(q[:, :200], k[:, :200], t, TCAParams(8, 32, policy="random"), layer=1)
+    ns = num_selectable_blocks(200, p)
+    assert torch.equal(short[:, : ns * 8], keep["random"][:, : ns * 8])            # prefix-pure
+    h = hash_scores(torch.arange(1000), torch.tensor(0), 0)
+    assert h.unique().numel() > 990 and torch.equal(h, hash_scores(torch.arange(1000), torch.tensor(0), 0))
+    with pytest.raises(ValueError, match="unknown selection policy"):
+        select(q, k, t, TCAParams(8, 32, policy="oracle"))

@@ -103,6 +103,26 @@ def test_calibrate_one_forward_pass_writes_valid_budgets(tiny_llama, tmp_path):
     assert len(again.calibration["dropped_mass"]) == 2
 
 
+def test_one_pass_gives_eps_sweep_and_uniform_twin(tiny_llama):
+    """`measure` once: budgets for several eps (smaller eps never cheaper, same as `calibrate`), and a uniform twin
+    whose heads all share one distribution with about the same mean kept share."""
+    import sglang_tca.hf_attention  # noqa: F401
+    from calibration.calibrate import measure
+
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(0))
+    cal = measure(tiny_llama, ids, block=8, window=32, scoring="block_last", n_rows=32)
+    loose, tight = cal.budgets(0.2), cal.budgets(0.02)
+    assert (tight.rho >= loose.rho - 1e-6).all() and float(tight.rho.mean()) > float(loose.rho.mean())
+    direct = calibrate(tiny_llama, ids, eps=0.2, block=8, window=32, scoring="block_last", n_rows=32)
+    torch.testing.assert_close(direct.p, loose.p)
+    torch.testing.assert_close(direct.thresholds, loose.thresholds)
+    uni = cal.uniform(loose)
+    uni.validate()
+    assert (uni.p == uni.p[0, 0]).all() and not (loose.p == loose.p[0, 0]).all()
+    assert abs(float(uni.rho.mean()) - float(loose.rho.mean())) < 0.1
+    assert uni.calibration["uniform_of_eps"] == 0.2
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "calibration", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

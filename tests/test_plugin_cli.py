@@ -188,10 +188,11 @@ def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_config_env_roundtrip_and_errors():
     env: dict = {}
-    c = TCAConfig(budgets="/x/b.json", window=512, block=64)
+    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random")
     c.to_env(env)
     assert TCAConfig.from_env(env) == c and TCAConfig.from_env({}) is None
-    for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}'):
+    for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}',
+                '{"policy": "oracle"}'):
         with pytest.raises(TCAConfigError):
             TCAConfig.from_json(bad)
 
@@ -327,6 +328,7 @@ def _other_shape(tmp_path):
     ("no_budgets", "no TCA budgets"),
     ("bad_int", "argument --tca-window: invalid int value"),
     ("bad_window", "--tca-window 100 must be a positive multiple"),
+    ("bad_policy", "argument --tca-policy: invalid choice: 'oracle'"),
 ])
 def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
     argv = {
@@ -337,6 +339,7 @@ def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
         "no_budgets": ["--model", str(make_model(tmp_path / "bare", budgets=False))],
         "bad_int": ["--model", str(model), "--tca-window", "big"],
         "bad_window": ["--model", str(model), "--tca-window", "100"],
+        "bad_policy": ["--model", str(model), "--tca-policy", "oracle"],
     }[case]
     served = []
     rc, err = _run_main(argv, capsys, serve=lambda *a: served.append(a))
@@ -380,12 +383,31 @@ def test_cli_launches_with_tca_scheduler(sgl, model, capsys, monkeypatch):
     launched = {}
     monkeypatch.setattr(http_server, "launch_server", lambda sa, **kw: launched.update(sa=sa, **kw))
     monkeypatch.setattr(sgl_utils, "kill_process_tree", lambda *a, **k: None)
-    rc, err = _run_main(["--model", str(model), "--tca-window", "128", *SGLANG_FLAGS], capsys)
+    rc, err = _run_main(["--model", str(model), "--tca-window", "128", "--tca-policy", "streaming", *SGLANG_FLAGS],
+                        capsys)
     assert rc == 0, err
     assert launched["sa"].attention_backend == "tca"
     assert launched["run_scheduler_process_func"] is sgl.run_scheduler_process
     cfg = TCAConfig.from_env()
     assert cfg.window == 128 and cfg.budgets == str((model / "tca_budgets.json").resolve())
+    assert cfg.policy == "streaming" and tca_config.load_runtime(str(model)).policy == "streaming"
+
+
+def test_offline_engine_checks_tca_config_before_starting(sgl, model, tmp_path, monkeypatch):
+    """sglang_tca.engine.Engine: a bad budgets file is a clear error before SGLang starts anything; a good config
+    reaches the environment its scheduler processes inherit."""
+    from sglang.srt.entrypoints.engine import Engine as SGLangEngine
+
+    from sglang_tca.engine import Engine
+
+    started = []
+    monkeypatch.setattr(SGLangEngine, "__init__", lambda self, **kw: started.append(kw))
+    with pytest.raises(BudgetsError, match="budgets file not found"):
+        Engine(model_path=str(model), attention_backend="tca", tca=TCAConfig(budgets=str(tmp_path / "nope.json")))
+    assert not started
+    Engine(model_path=str(model), attention_backend="tca", tca=TCAConfig(window=128, policy="random"))
+    assert started[0]["attention_backend"] == "tca" and TCAConfig.from_env().policy == "random"
+    assert Engine.run_scheduler_process_func is sgl.run_scheduler_process
 
 
 def test_cli_no_tca_and_other_backend(sgl, model, tmp_path, capsys, monkeypatch):

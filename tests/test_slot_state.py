@@ -25,7 +25,7 @@ class FakePool:
         self.k = torch.zeros(n_slots, HKV, D)
         self.bits = torch.zeros(n_slots, HKV, dtype=torch.int64)
 
-    def extend(self, row, start, q, k):
+    def extend(self, row, start, q, k, policy="tca", layer=0, heads=(0, 1)):
         """Process tokens [start, start+T) of request `row` (q [T, Hq, D], k [T, Hkv, D]) as one forward chunk."""
         T = k.shape[0]
         slots = torch.tensor([self.free.pop() for _ in range(T)], dtype=torch.int32)
@@ -33,12 +33,12 @@ class FakePool:
         self.k[slots.long()] = k                                                     # the backend saves K/V first
         pos = torch.arange(start, start + T)
         select_at_slots(q, pos, slots.long(), torch.full((T,), row), self.req_to_token, self.k, thresholds(),
-                        self.bits, B, D ** -0.5)
+                        self.bits, B, D ** -0.5, policy, torch.tensor(heads), layer)
 
 
-def reference_kept(q, k, L):
-    p = TCAParams(B, W)
-    keep, _ = select(q.transpose(0, 1), k.transpose(0, 1), thresholds(), p)
+def reference_kept(q, k, L, policy="tca", layer=0):
+    p = TCAParams(B, W, policy=policy)
+    keep, _ = select(q.transpose(0, 1), k.transpose(0, 1), thresholds(), p, layer)
     ds = dense_start(L, B, W)
     return [torch.nonzero(keep[h, B:ds]).flatten() + B for h in range(HKV)]
 
@@ -54,33 +54,38 @@ def test_pack_roundtrip_including_sign_bit():
     assert torch.equal(unpack_bits(pack_bits(keep), 64), keep)
 
 
+@pytest.mark.parametrize("policy", ["tca", "random"])
 @pytest.mark.parametrize("chunks", [[300], [100, 77, 123], [250] + [1] * 50])
-def test_chunked_prefill_and_decode_match_reference(chunks):
+def test_chunked_prefill_and_decode_match_reference(chunks, policy):
     L = sum(chunks)
     q, k = rand_seq(L, seed=1)
     pool = FakePool()
     start = 0
     for c in chunks:                                                                 # prefill chunks, then decode
-        pool.extend(0, start, q[start:start + c], k[start:start + c])
+        pool.extend(0, start, q[start:start + c], k[start:start + c], policy, layer=3)
         start += c
     got = kept_positions(0, L, pool.req_to_token, pool.bits, B, W)
-    want = reference_kept(q, k, L)
+    want = reference_kept(q, k, L, policy, layer=3)
     assert any(len(w) < (dense_start(L, B, W) - B) for w in want)                     # something was pruned
     for h in range(HKV):
         assert torch.equal(got[h], want[h])
 
 
-def test_shared_prefix_reuses_selection_exactly():
-    """Request B reuses request A's first 200 slots (a radix hit) and continues differently: its view of the
-    prefix equals both A's and a fresh computation of B's full text."""
-    qa, ka = rand_seq(260, seed=2)
-    qb, kb = rand_seq(260, seed=3)
-    qb[:200], kb[:200] = qa[:200], ka[:200]
+def test_streaming_policy_keeps_no_compressed_token():
+    q, k = rand_seq(300, seed=4)
     pool = FakePool()
-    pool.extend(0, 0, qa, ka)
-    pool.req_to_token[1, :200] = pool.req_to_token[0, :200]                           # what alloc_for_extend does
-    pool.extend(1, 200, qb[200:], kb[200:])
-    got = kept_positions(1, 260, pool.req_to_token, pool.bits, B, W)
-    want = reference_kept(qb, kb, 260)
-    for h in range(HKV):
-        assert torch.equal(got[h], want[h])
+    pool.extend(0, 0, q, k, "streaming")
+    assert all(len(h) == 0 for h in kept_positions(0, 300, pool.req_to_token, pool.bits, B, W))
+
+
+def test_random_policy_draws_by_global_head_id():
+    """A tensor-parallel rank passes its global KV head ids: the same keys under other global ids draw differently,
+    under the same ids identically."""
+    q, k = rand_seq(300, seed=5)
+    views = []
+    for heads in ((2, 3), (2, 3), (0, 1)):
+        pool = FakePool()
+        pool.extend(0, 0, q, k, "random", heads=heads)
+        views.append(kept_positions(0, 300, pool.req_to_token, pool.bits, B, W))
+    assert all(torch.equal(a, b) for a, b in zip(views[0], views[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(views[0], views[2]))

@@ -1,0 +1,51 @@
+"""The evaluation report (bench/eval_suite.py) on synthetic run results: scores, KV kept matched from the backend's
+statistics, fidelity to dense, multi-turn and the plot. The GPU step itself runs on the device machine."""
+import json
+
+import pytest
+
+from bench import eval_suite, ruler
+
+
+@pytest.fixture(scope="module")
+def samples(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return [s for t in ("niah_single", "qa_squad") for s in ruler.build(t, 2048, 3, tok)]
+
+
+def fake_run(name, backend, samples, right: bool, kept=None, fid_shift=0):
+    keys = ("task", "length", "index", "answers", "metric")
+    ruler_rows = [{**{k: s[k] for k in keys}, "n_tokens": s["n_tokens"],
+                   "output": " ".join(s["answers"]) if right else "no idea"} for s in samples]
+    fid = [{"length": 2048, "index": i, "logprobs": [-1.0 - fid_shift] * 4, "argmax": [1, 2, 3, 4 + fid_shift],
+            "continuation": [5, 6, 7, 8 + fid_shift]} for i in range(2)]
+    mt = [{"length": 2048, "index": 0, "turn": t, "output": "1234567" if right else "?", "answer": "1234567",
+           "cached": 100 * t, "prompt_tokens": 1500 + t} for t in range(eval_suite.MT_TURNS)]
+    mt += [{"turn": t, "kept": kept} for t in range(eval_suite.MT_TURNS)]
+    stats = [{"seq_len": s["n_tokens"], "kept": kept} for s in samples] + [{"seq_len": 7, "kept": 0.9}]
+    return {"spec": {"name": name, "backend": backend}, "device": "test", "date": "today",
+            "phases": {"ruler": ruler_rows, "fidelity": fid, "multiturn_separate": mt, "multiturn_conversation": mt,
+                       "ttft": {"4096": {"first": 1, "median_rest": 0.1}, "8192": {"first": 1, "median_rest": 0.2}}},
+            "stats": {"ruler": stats if backend == "tca" else []}}
+
+
+def test_report_scores_kept_fidelity_and_plot(samples, tmp_path):
+    runs = [fake_run("dense", "triton", samples, True), fake_run("tca eps=0.1", "tca", samples, True, 0.3),
+            fake_run("streaming w=2048", "tca", samples, False, 0.25, fid_shift=1)]
+    summ = eval_suite.summarize(runs)
+    assert summ["dense"]["avg"][2048][0] == 100 and summ["dense"]["kept"][2048] == 1.0
+    assert summ["tca eps=0.1"]["avg"][2048][0] == 100 and summ["tca eps=0.1"]["kept"] == {2048: 0.3}
+    assert summ["streaming w=2048"]["avg"][2048][:3:2] == (0, 6)                    # score 0, n = 6 samples
+    f_same, f_off = summ["tca eps=0.1"]["fidelity"][2048], summ["streaming w=2048"]["fidelity"][2048]
+    assert f_same["agree"][0] == 1 and f_same["dnll"][0] == 0 and f_same["cont"][0] == 1
+    assert f_off["agree"][0] == 0.75 and f_off["dnll"][0] == pytest.approx(1.0) and f_off["cont"][0] == 0.75
+    mt = summ["streaming w=2048"]["mt"]["separate"]
+    assert mt[0][0][0] == 0 and mt[3][1] == 300 and mt[3][2] == 0.25
+    md = eval_suite.markdown(runs[0], summ)
+    assert "| tca eps=0.1 | 100.0 ± 0.0 | 0.300 |" in md
+    s8 = {k: {**v, "avg": {8192: v["avg"][2048]}, "kept": {8192: v["kept"].get(2048)}} for k, v in summ.items()}
+    eval_suite.plots(s8, tmp_path)
+    assert (tmp_path / "eval_smollm2.png").stat().st_size > 10_000
+    json.dumps(summ)                                                                 # the summary is plain data
