@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_check import ROOT, conversation, start  # noqa: E402
+from http_check import conversation, start  # noqa: E402  (puts the repo root on sys.path)
+
+from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
 VARIANTS = {
     "tca, chunk 1024, radix": ["--chunked-prefill-size", "1024"],
@@ -30,7 +32,7 @@ VARIANTS = {
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", default=str(ROOT / "sglang_tca" / "data" / "smollm2_budgets.json"))
+    ap.add_argument("--budgets", default=str(EMBEDDED_BUDGETS))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/conv"))
     args = ap.parse_args()
     out = Path(args.out)

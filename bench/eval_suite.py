@@ -93,7 +93,7 @@ def shared_context_doc(tokens: int, tok, seed: int, index: int) -> dict:
     from bench import ruler
 
     rng = random.Random(f"{seed}/multiturn/{tokens}/{index}")
-    adjs, nouns, _ = ruler._wordlists()
+    adjs, nouns, _ = ruler.wordlists()
     words = ruler.haystack_words()
     keys = []
     while len(keys) < MT_TURNS:
@@ -105,12 +105,7 @@ def shared_context_doc(tokens: int, tok, seed: int, index: int) -> dict:
     start = rng.randrange(len(words) - 4 * tokens)
 
     def render(size):
-        sents = ruler.split_sentences(" ".join(words[start:start + size]))
-        cuts = [0] + [int(len(sents) * d / 100) for d in depths] + [len(sents)]
-        parts = []
-        for i in range(1, len(cuts)):
-            parts += sents[cuts[i - 1]:cuts[i]] + needles[i - 1:i]
-        return " ".join(parts)
+        return ruler.with_needles(ruler.split_sentences(" ".join(words[start:start + size])), needles, depths)
 
     size = int(tokens / 1.3)
     for _ in range(3):                                   # the tokens-per-word ratio converges in two steps
@@ -127,25 +122,17 @@ def load_items(path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 # run (GPU)
 # ---------------------------------------------------------------------------------------------------------------------
-def expected_kept(budgets, n: int) -> float:
-    """Kept share at length n if compressed blocks keep the budgets' mean rho (sink + window dense)."""
-    from sglang_tca.algorithm import dense_start
-
-    comp = dense_start(n, budgets.block, budgets.window) - budgets.block
-    return float((n - comp + budgets.rho.mean() * comp) / n)
-
-
 def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     """The policy runs, most important first (a call that runs out of time still has the main comparison)."""
     from sglang_tca.budgets import Budgets
 
     tca = {e: budgets_dir / f"tca_w1024_eps{e}.json" for e in sweep}
-    fits = [e for e in sweep if expected_kept(Budgets.load(tca[e]), 8192) <= TARGET_KEPT]
+    fits = [e for e in sweep if Budgets.load(tca[e]).expected_kept(8192) <= TARGET_KEPT]
     if not fits:
         raise SystemExit(f"error: no budgets in {budgets_dir} keep <= {TARGET_KEPT} at 8K; run bench/eval_budgets.py")
     main = min(fits)
     b = Budgets.load(tca[main])
-    w_stream = int((expected_kept(b, 8192) * 8192 - b.block) // b.block * b.block)
+    w_stream = int((b.expected_kept(8192) * 8192 - b.block) // b.block * b.block)
     runs = [{"name": "dense", "backend": "triton"},
             {"name": f"tca eps={main}", "budgets": tca[main], "eps": main},
             {"name": f"uniform eps={main}", "budgets": budgets_dir / f"uniform_w1024_eps{main}.json", "eps": main},

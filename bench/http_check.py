@@ -23,6 +23,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
 
 def start(model, budgets, port, extra, log):
@@ -63,7 +64,7 @@ def conversation(url, doc, questions):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", default=str(ROOT / "sglang_tca" / "data" / "smollm2_budgets.json"))
+    ap.add_argument("--budgets", default=str(EMBEDDED_BUDGETS))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/http_check"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -106,12 +106,21 @@ def haystack_words() -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _wordlists():
+def wordlists():
     with warnings.catch_warnings():         # wonderwords 2.2 reads its lists with a deprecated importlib call
         warnings.simplefilter("ignore", DeprecationWarning)
         from wonderwords import random_word as rw
         nouns, adjs, verbs = (rw._get_words_from_text_file(f"{x}list.txt") for x in ("noun", "adjective", "verb"))
     return sorted(set(adjs)), sorted(set(nouns)), sorted(set(nouns + adjs + verbs))
+
+
+def with_needles(sents: list[str], needles: list[str], depths: list[int]) -> str:
+    """The sentences joined by spaces, needles[i] placed before the sentence at depths[i] percent (ascending)."""
+    cuts = [0] + [int(len(sents) * d / 100) for d in depths] + [len(sents)]
+    parts = []
+    for i in range(1, len(cuts)):
+        parts += sents[cuts[i - 1]:cuts[i]] + needles[i - 1:i]
+    return " ".join(parts)
 
 
 # ---- niah.py -------------------------------------------------------------------------------------------------------
@@ -123,7 +132,7 @@ def _niah(args, length, seed, count):
         for a, b in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
             tpl, pre = tpl.replace(a, b), pre.replace(a, b)
         type_v = "number"
-    adjs, nouns, _ = _wordlists()
+    adjs, nouns, _ = wordlists()
     words = haystack_words()
 
     def sample(sid, index):
@@ -136,14 +145,11 @@ def _niah(args, length, seed, count):
                 needles += [NEEDLE.format(type_needle_v="numbers", key=keys[-1], value=x) for x in values[-1]]
             rng.shuffle(needles)
             sents = split_sentences(" ".join(words[:size]))
-            cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(DEPTHS, len(needles))) + [len(sents)]
-            parts = []
-            for i in range(1, len(cuts)):
-                parts += sents[cuts[i - 1]:cuts[i]] + needles[i - 1:i]
+            context = with_needles(sents, needles, sorted(rng.sample(DEPTHS, len(needles))))
             asked = rng.sample(range(k), q)
             queries, answers = [keys[i] for i in asked], [a for i in asked for a in values[i]]
             query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
-            fill = dict(type_needle_v=type_v, context=" ".join(parts), query=query)
+            fill = dict(type_needle_v=type_v, context=context, query=query)
             return tpl.format(**fill), pre.format(**fill), answers
         return render, 1, len(words)
     return sample
@@ -187,7 +193,7 @@ def _vt(args, length, seed, count):
 # ---- common_words_extraction.py ------------------------------------------------------------------------------------
 def _cwe(args, length, seed, count):
     T = _templates()["common_words_extraction"]
-    words = _wordlists()[2]
+    words = wordlists()[2]
     nc = args["num_cw"]
     if length < 4096:          # RULER lowers the repeats at small lengths
         ex, reps = (20, 3, 1), (6, 1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
 LENGTHS = (100, 1000, 2000, 4000, 8000)
 
@@ -42,7 +43,7 @@ def generate(eng, prompts, max_new=32):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budgets", default=str(ROOT / "sglang_tca" / "data" / "smollm2_budgets.json"))
+    ap.add_argument("--budgets", default=str(EMBEDDED_BUDGETS))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/serve_check"))
     args = ap.parse_args()
     out = Path(args.out)

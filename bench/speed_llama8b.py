@@ -44,13 +44,6 @@ def synthetic_budgets(path: Path):
     return b
 
 
-def kept_fraction(b, n):
-    from sglang_tca.algorithm import dense_start
-
-    comp = dense_start(n, 64, 1024) - 64
-    return float((n - comp + b.rho.mean() * comp) / n)
-
-
 def run(backend, out: Path):
     from sglang_tca.config import TCAConfig
     from sglang_tca.engine import Engine
@@ -104,8 +97,8 @@ def main():
     dev = torch.cuda.get_device_name()
     for be in args.backends:
         r = run(be, out)
-        r.update(device=dev, kept_32k=round(kept_fraction(b, 32768), 3) if be == "tca" else 1.0,
-                 kept_126k=round(kept_fraction(b, 126976), 3) if be == "tca" else 1.0)
+        r.update(device=dev, kept_32k=round(b.expected_kept(32768), 3) if be == "tca" else 1.0,
+                 kept_126k=round(b.expected_kept(126976), 3) if be == "tca" else 1.0)
         with open(out / "speed.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)

@@ -100,6 +100,14 @@ class Budgets:
         T = torch.as_tensor(thresholds, dtype=torch.float32).expand(model.num_layers, model.num_kv_heads, kn - 1).clone()
         return cls(model, block, window, eps, scoring, metric, P, T)
 
+    def expected_kept(self, n: int) -> float:
+        """Share of the KV kept at length n if every compressed block keeps the mean rho of all heads (sink and
+        dense window kept whole): what these budgets cost, before any text is seen."""
+        from sglang_tca.algorithm import dense_start
+
+        comp = dense_start(n, self.block, self.window) - self.block
+        return float((n - comp + self.rho.mean() * comp) / n)
+
     def validate(self) -> None:
         m = self.model
         kn = len(keep_counts_for(self.block))

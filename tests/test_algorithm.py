@@ -165,3 +165,19 @@ def test_policies_random_and_streaming():
     assert h.unique().numel() > 990 and torch.equal(h, hash_scores(torch.arange(1000), torch.tensor(0), 0))
     with pytest.raises(ValueError, match="unknown selection policy"):
         select(q, k, t, TCAParams(8, 32, policy="oracle"))
+
+
+def test_budgets_expected_kept_matches_kept_fraction_at_fixed_counts():
+    """Budgets.expected_kept(n) (the cost of a budgets file before any text) equals the measured kept fraction
+    when every compressed block keeps exactly the budgets' rho * b tokens."""
+    from sglang_tca.budgets import Budgets, ModelShape
+
+    shape = ModelShape("LlamaForCausalLM", 2, 4, 2, 16)
+    p = TCAParams(8, 32)
+    for k_idx, k in ((3, 8), (1, 2)):                       # keep-all, and 2 of 8 tokens per block
+        b = Budgets.uniform(shape, [float(i == k_idx) for i in range(4)], block=8, window=32)
+        for n in (20, 100, 333):
+            counts = torch.full((2, n // 8 + 1), k)
+            counts[:, 0] = 8
+            assert b.expected_kept(n) == pytest.approx(kept_fraction(counts, n, p))
+    assert Budgets.uniform(shape, [0, 0, 0, 1], block=8, window=32).expected_kept(333) == pytest.approx(1.0)
