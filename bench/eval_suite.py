@@ -14,7 +14,8 @@ SmolLM2-135M-Instruct, against dense and baseline policies at the same KV budget
 
 Policies (`plan`): dense (SGLang's triton backend); TCA with the eps sweep of bench/eval_budgets.py; at the main eps
 (the largest KV budget whose expected kept share at 8K is <= 0.35): uniform budgets of the same mean, random tokens
-at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps the same share at 8K.
+at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps the same share at 8K; w 512;
+and the question-aware end of prompt (--tca-observe 32) for TCA over the sweep and for uniform budgets.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ FIDELITY_TOKENS = 256        # teacher-forced positions scored at the end of eac
 CONTINUATION = 64            # greedy tokens compared with dense
 TARGET_KEPT = 0.35           # the issue's KV budget at 8K
 SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
+OBSERVE = 32                 # observation queries of the question-aware runs (--tca-observe)
 MT_TURNS = 4
 MT_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
             "I will quiz you about the numbers afterwards.")
@@ -142,6 +144,12 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     w512 = budgets_dir / f"tca_w512_eps{main}.json"
     if w512.is_file():                                   # the window as a knob: w 512 at the same eps
         runs.append({"name": f"tca w=512 eps={main}", "budgets": w512, "eps": main})
+    # question-aware end of prompt (--tca-observe): per-head TCA budgets vs uniform ones, and the eps sweep
+    runs += [{"name": f"tca+obs{OBSERVE} eps={main}", "budgets": tca[main], "eps": main, "observe": OBSERVE},
+             {"name": f"uniform+obs{OBSERVE} eps={main}", "budgets": budgets_dir / f"uniform_w1024_eps{main}.json",
+              "eps": main, "observe": OBSERVE}]
+    runs += [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE}
+             for e in sweep if e != main]
     for r in runs:
         r.setdefault("backend", "tca")
         r["budgets"] = str(r["budgets"]) if "budgets" in r else None
@@ -171,7 +179,8 @@ def run_policy(spec: dict, model: str, items: list[dict], tok, stats_path: Path)
     stats = Stats(stats_path)
     tca = None
     if spec["backend"] == "tca":
-        tca = TCAConfig(budgets=spec["budgets"], window=spec.get("window"), policy=spec.get("policy"))
+        tca = TCAConfig(budgets=spec["budgets"], window=spec.get("window"), policy=spec.get("policy"),
+                        observe=spec.get("observe"))
     t0 = time.time()
     eng = Engine(model_path=model, attention_backend=spec["backend"], tca=tca, disable_prefill_cuda_graph=True,
                  log_level="error", mem_fraction_static=0.6, cuda_graph_max_bs_decode=64)
@@ -282,7 +291,7 @@ def run(args) -> None:
     t_start = time.time()
     device = torch.cuda.get_device_name()
     for spec in runs:
-        fname = spec["name"].replace(" ", "_").replace("=", "") + ".json"
+        fname = spec["name"].replace(" ", "_").replace("=", "").replace("+", "_") + ".json"
         if (cache / fname).is_file():
             print(f"[eval] {spec['name']}: done in an earlier call", flush=True)
         else:
@@ -454,7 +463,7 @@ def plots(summ: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for name, s in summ.items():
         kind = name.split()[0]
         a = s["avg"].get(8192)
@@ -462,7 +471,8 @@ def plots(summ: dict, out: Path) -> None:
             continue
         kept = s["kept"].get(8192, float("nan"))
         ttft = (s["ttft"] or {}).get("8192", {}).get("median_rest", float("nan"))
-        style = {"dense": "k*", "tca": "bo", "uniform": "gs", "streaming": "r^", "random": "mv"}.get(kind, "cx")
+        style = {"dense": "k*", "tca": "bo", "uniform": "gs", "streaming": "r^", "random": "mv",
+                 "tca+obs32": "cD", "uniform+obs32": "yD"}.get(kind, "kx")
         for ax, x in zip(axes, (kept, ttft)):
             ax.errorbar([x], [a[0]], yerr=[a[1]], fmt=style, capsize=3, label=name)
     axes[0].set_xlabel("KV kept at 8K (share of dense)")
@@ -470,7 +480,7 @@ def plots(summ: dict, out: Path) -> None:
     for ax in axes:
         ax.set_ylabel("RULER average at 8K")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("SmolLM2-135M-Instruct through SGLang: accuracy vs KV kept and vs TTFT")
     fig.tight_layout()
     fig.savefig(out / "eval_smollm2.png", dpi=110)

@@ -3,7 +3,7 @@
     python bench/serve_check.py --model DIR --budgets FILE [--out DIR]
 
 1. keep-all budgets: greedy tokens of TCA == SGLang's dense `triton` backend, prompts of 100..8K tokens batched,
-   and identical between two TCA runs;
+   and identical between two TCA runs; the same with the question-aware end of prompt (--tca-observe 32);
 2. calibrated budgets: passkey retrieval at 4K and 8K tokens, dense vs TCA;
 3. radix reuse: one document, two questions, sent one after the other: tokens equal to a run with the radix cache
    disabled, and the second request's cached-token count shows the hit.
@@ -26,11 +26,11 @@ from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 LENGTHS = (100, 1000, 2000, 4000, 8000)
 
 
-def engine(model, backend, budgets=None, **kw):
+def engine(model, backend, budgets=None, observe=None, **kw):
     from sglang_tca.config import TCAConfig
     from sglang_tca.engine import Engine
 
-    tca = TCAConfig(budgets=str(budgets)) if budgets is not None else None
+    tca = TCAConfig(budgets=str(budgets), observe=observe) if budgets is not None else None
     return Engine(model_path=str(model), attention_backend=backend, tca=tca, disable_prefill_cuda_graph=True,
                   log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
 
@@ -76,8 +76,8 @@ def main():
         print(f"[serve_check] {name}: {time.time() - t0:.1f}s", flush=True)
         return r
 
-    def run_suite(tag, backend, budgets=None, **kw):
-        eng = timed(f"start {tag}", lambda: engine(args.model, backend, budgets, **kw))
+    def run_suite(tag, backend, budgets=None, observe=None, **kw):
+        eng = timed(f"start {tag}", lambda: engine(args.model, backend, budgets, observe, **kw))
         try:
             res = {"lengths": timed(f"{tag} lengths", lambda: generate(eng, prompts)[0])}
             res["lengths_again"] = generate(eng, prompts)[0]
@@ -94,6 +94,7 @@ def main():
 
     dense = run_suite("dense triton", "triton")
     keep = run_suite("tca keep-all", "tca", keep_all)
+    keep_obs = run_suite("tca keep-all, observe 32", "tca", keep_all, observe=32)
     cal = run_suite("tca calibrated", "tca", args.budgets)
     nor = run_suite("tca calibrated, radix off", "tca", args.budgets, disable_radix_cache=True)
 
@@ -102,6 +103,8 @@ def main():
                  f"({', '.join(str(n) for n, s in zip(LENGTHS, same) if not s) or 'all lengths'} differ)" if not all(same)
                  else f"{len(same)}/{len(same)} prompts identical ({LENGTHS[0]}..{LENGTHS[-1]} tokens)"))
     rows.append(("keep-all TCA run twice identical", str(keep["lengths"] == keep["lengths_again"])))
+    same_obs = sum(a == b for a, b in zip(keep_obs["lengths"], dense["lengths"]))
+    rows.append(("keep-all TCA with --tca-observe 32 == dense triton", f"{same_obs}/{len(LENGTHS)} prompts"))
     for L in pk:
         for tag, res in (("dense", dense), ("TCA calibrated", cal)):
             hits = sum(str(k) in t for k, t in zip(keys, res["passkey"][L]))

@@ -13,6 +13,8 @@ group share their KV head's selection. docs/ALGORITHM.md is the spec; in short, 
 * Every observation query of block j lies before position (j+1)*b + w - 1, the first query that sees the block
   compressed, so a block's selection depends only on the prefix up to then (prefix purity), and sparse prefill
   and pruned decode give the same outputs.
+* Optional question-aware end of prompt (`observe` = N > 0, `observe_keep`): the prompt's last N queries re-choose,
+  per KV head and with the same number of tokens, which tokens of the compressed blocks they and the decode see.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class TCAParams:
     window: int = 1024
     scoring: str = "block_last"   # or "window"
     policy: str = "tca"           # or an evaluation baseline, see `apply_policy`
+    observe: int = 0              # question-aware end of prompt: its last `observe` queries re-select (0 = off)
 
     @property
     def n_obs(self) -> int:
@@ -150,6 +153,36 @@ def select(q: torch.Tensor, k: torch.Tensor, thresholds: torch.Tensor, p: TCAPar
     return keep, counts
 
 
+OBSERVE_POOL = 7     # max-pooling width of the observation scores: a kept token brings its neighbours (SnapKV)
+
+
+def observe_keep(q_obs: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, p: TCAParams, scale: float,
+                 pool: int = OBSERVE_POOL) -> torch.Tensor:
+    """Question-aware selection at the end of a prompt of length n = k.shape[1] (SnapKV-style observation window):
+    keep [Hkv, ds - b] bool over the compressed positions [b, ds), ds = dense_start(n), keeping counts[h] tokens
+    (the prefix-pure selection's number there, so the KV budget and the per-head budgets are unchanged) chosen by
+    the attention of the prompt's last N queries: softmax over all causal keys, mean over the N queries, max over
+    the group's query heads, max-pooled over `pool` neighbouring positions; ties go to the earlier token.
+    q_obs [Hq, N, D] the queries of positions n-N..n-1, k [Hkv, n, D], counts [Hkv] int."""
+    hq, n_obs, d = q_obs.shape
+    hkv, n, _ = k.shape
+    g = hq // hkv
+    ds = int(dense_start(n, p.block, p.window))
+    s = torch.einsum("hgod,hnd->hgon", q_obs.float().reshape(hkv, g, n_obs, d), k.float()) * scale
+    t = torch.arange(n, device=k.device)
+    causal = t[None, :] <= (n - n_obs + torch.arange(n_obs, device=k.device))[:, None]
+    a = s.masked_fill(~causal, float("-inf")).softmax(-1).mean(2).amax(1)[:, p.block:ds]     # [Hkv, ds - b]
+    a = torch.nn.functional.max_pool1d(a[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+    return keep_from_counts(a, counts.to(a.device))
+
+
+def with_observed(keep: torch.Tensor, observed: torch.Tensor, block: int) -> torch.Tensor:
+    """keep [Hkv, L] with the compressed positions [b, b + observed.shape[1]) replaced by `observed`."""
+    out = keep.clone()
+    out[:, block:block + observed.shape[1]] = observed
+    return out
+
+
 def visible(keep: torch.Tensor, q_pos: torch.Tensor, n_keys: int, p: TCAParams) -> torch.Tensor:
     """[Hkv, S, n_keys] bool: what query positions q_pos [S] see: causal, and inside [block, dense_start) only
     kept tokens."""
@@ -175,14 +208,30 @@ def masked_attention(q, k, v, mask, scale, chunk: int = 512):
     return out
 
 
-def tca_attention(q, k, v, thresholds, p: TCAParams, scale=None, q_start: int = 0, chunk: int = 512):
-    """Sparse TCA attention for one sequence. q [Hq, Lk, D] holds the queries of *every* position (selection reads
-    the block-last ones), k, v [Hkv, Lk, D]; returns the outputs of positions [q_start, Lk)."""
+def prompt_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, p: TCAParams, scale: float,
+                q_start: int = 0):
+    """What the queries of positions [q_start, L) of a prompt of length L = k.shape[1] see, given its prefix-pure
+    selection keep [Hkv, L] (`select`): (mask [Hkv, L - q_start, L], observed [Hkv, ds - b] or None). With
+    p.observe = N > 0 the prompt's last N queries see `observe_keep`'s tokens in the compressed blocks (returned as
+    `observed`: the decode that follows sees them too), every other query the prefix-pure selection."""
     lk = k.shape[1]
+    mask = visible(keep, torch.arange(q_start, lk, device=q.device), lk, p)
+    n_obs = min(p.observe, lk)
+    if n_obs == 0:
+        return mask, None
+    ds = int(dense_start(lk, p.block, p.window))
+    observed = observe_keep(q[:, lk - n_obs:], k, keep[:, p.block:ds].sum(-1), p, scale)
+    tail = torch.arange(max(q_start, lk - n_obs), lk, device=q.device)
+    mask[:, tail - q_start] = visible(with_observed(keep, observed, p.block), tail, lk, p)
+    return mask, observed
+
+
+def tca_attention(q, k, v, thresholds, p: TCAParams, scale=None, q_start: int = 0, chunk: int = 512):
+    """Sparse TCA attention for one prompt. q [Hq, Lk, D] holds the queries of *every* position (selection reads
+    the block-last ones), k, v [Hkv, Lk, D]; returns the outputs of positions [q_start, Lk)."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    keep, _ = select(q, k, thresholds, p)
-    pos = torch.arange(q_start, lk, device=q.device)
-    return masked_attention(q[:, q_start:], k, v, visible(keep, pos, lk, p), scale, chunk)
+    mask, _ = prompt_mask(q, k, select(q, k, thresholds, p)[0], p, scale, q_start)
+    return masked_attention(q[:, q_start:], k, v, mask, scale, chunk)
 
 
 def kept_fraction(keep_counts_per_block: torch.Tensor, n: int, p: TCAParams) -> float:

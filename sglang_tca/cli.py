@@ -1,7 +1,7 @@
 """`python launch.py` = `sglang_tca.cli.main(argv)`: an SGLang HTTP server with TCA attention.
 
     python launch.py [--model PATH] [--tca-budgets FILE] [--tca-window N] [--tca-block N]
-                     [--tca-policy tca|random|streaming] [--no-tca] [...any sglang server flag]
+                     [--tca-policy tca|random|streaming] [--tca-observe N] [--no-tca] [...any sglang server flag]
 
 Our flags are parsed with `parse_known_args`; everything else goes to SGLang's `prepare_server_args` unchanged.
 `--model` (SGLang's own alias) / `--model-path` default to the embedded SmolLM2. TCA is on (`--attention-backend tca`)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def _tca_parser() -> argparse.ArgumentParser:
     g.add_argument("--tca-policy", choices=POLICIES, metavar="P",
                    help="token selection: tca (default), or an evaluation baseline: random (TCA's budget, random "
                         "tokens), streaming (sink + window only)")
+    g.add_argument("--tca-observe", type=int, metavar="N",
+                   help="question-aware end of prompt: a prompt's last N queries (e.g. 32) choose which compressed "
+                        "tokens they and the answer see, same KV budget (default 0 = off; see docs/ALGORITHM.md)")
     g.add_argument("--no-tca", action="store_true", help="serve with SGLang's default attention (dense baseline)")
     return p
 
@@ -113,16 +117,18 @@ def prepare(argv: Sequence[str], environ=None):
     chosen = peek.attention_backend
     use_tca = not ours.no_tca and chosen in (None, BACKEND)
     tca_flags = [f for f, v in (("--tca-budgets", ours.tca_budgets), ("--tca-window", ours.tca_window),
-                                ("--tca-block", ours.tca_block), ("--tca-policy", ours.tca_policy))
+                                ("--tca-block", ours.tca_block), ("--tca-policy", ours.tca_policy),
+                                ("--tca-observe", ours.tca_observe))
                  if v is not None]
     if ours.no_tca and chosen == BACKEND:
         raise CLIError("--no-tca contradicts --attention-backend tca")
     runtime = None
     if use_tca:
         cfg = TCAConfig(budgets=None if ours.tca_budgets is None else str(Path(ours.tca_budgets).expanduser().resolve()),
-                        window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy)
+                        window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy,
+                        observe=ours.tca_observe)
         runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
-        cfg = TCAConfig(budgets=runtime.budgets_path, window=cfg.window, block=cfg.block, policy=cfg.policy)
+        cfg = dataclasses.replace(cfg, budgets=runtime.budgets_path)
         cfg.to_env(environ)
         if chosen is None:
             rest = [*rest, "--attention-backend", BACKEND]

@@ -14,6 +14,9 @@ Fields (None means "default"):
                   p[l, h, k] are over k in {1, 2, ..., b}, so another b needs another calibration).
   policy          token selection: "tca" (default) or an evaluation baseline, "random" (TCA's per-block counts,
                   random tokens) or "streaming" (sink + window only); see `sglang_tca.algorithm.apply_policy`.
+  observe         question-aware end of prompt: the last N queries of a prompt re-choose, per KV head and with the
+                  same number of tokens, which compressed tokens they and the decode see (`algorithm.observe_keep`).
+                  0 = off; at most the window.
 Sequences shorter than w + 2b have nothing compressed: TCA is exactly dense there, and the backend runs SGLang's
 dense kernels for batches of such sequences.
 
@@ -53,9 +56,10 @@ class TCAConfig:
     window: int | None = None
     block: int | None = None
     policy: str | None = None
+    observe: int | None = None
 
     def __post_init__(self):
-        for name in ("window", "block"):
+        for name in ("window", "block", "observe"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise TCAConfigError(f"TCA {name} must be an integer, got {v!r}")
@@ -63,6 +67,8 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-window must be positive, got {self.window}")
         if self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
             raise TCAConfigError(f"--tca-block must be a positive power of two, got {self.block}")
+        if self.observe is not None and self.observe < 0:
+            raise TCAConfigError(f"--tca-observe must be >= 0 (0 = off), got {self.observe}")
         if self.policy is not None and self.policy not in POLICIES:
             raise TCAConfigError(f"--tca-policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.budgets is not None and not isinstance(self.budgets, str):
@@ -117,8 +123,11 @@ class TCAConfig:
         window = budgets.window if self.window is None else self.window
         if window < block or window % block:
             raise TCAConfigError(f"--tca-window {window} must be a positive multiple of the block size {block}")
+        observe = self.observe or 0
+        if observe > window:
+            raise TCAConfigError(f"--tca-observe {observe} must not exceed the window ({window} tokens)")
         return TCARuntime(config=self, model_path=str(model_path), budgets_path=str(path), budgets=budgets,
-                          shape=shape, window=window, block=block, policy=self.policy or "tca")
+                          shape=shape, window=window, block=block, policy=self.policy or "tca", observe=observe)
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ class TCARuntime:
     window: int
     block: int
     policy: str
+    observe: int = 0
 
     @property
     def sink(self) -> int:

@@ -13,18 +13,19 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from sglang_tca.algorithm import TCAParams, kept_fraction, masked_attention, select, visible
+from sglang_tca.algorithm import TCAParams, kept_fraction, masked_attention, prompt_mask, select, visible, with_observed
 from sglang_tca.budgets import Budgets
 
 IMPL = "tca"
 
 
 class Policy:
-    """Which tokens each KV head keeps. `keep` returns [Hkv, Lk] bool (see algorithm.select), or None for dense."""
+    """What each query sees: `mask` returns [Hkv, len(pos), Lk] bool for the queries at positions pos, given the
+    queries q [Hq, Lk, D] and keys k [Hkv, Lk, D] of the whole sequence so far. The base policy is dense (causal)."""
     params: TCAParams | None = None
 
-    def keep(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-        return None
+    def mask(self, layer: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+        return (torch.arange(k.shape[1], device=k.device)[None, :] <= pos[:, None]).expand(k.shape[0], -1, -1)
 
 
 class Dense(Policy):
@@ -34,19 +35,27 @@ class Dense(Policy):
 @dataclass
 class TCA(Policy):
     """TCA with these budgets; `policy` "random" / "streaming" and a `window` override give the evaluation
-    baselines (see algorithm.apply_policy)."""
+    baselines (see algorithm.apply_policy); `observe` N > 0 the question-aware end of prompt, whose selection the
+    decode that follows (`generate`) keeps seeing, as in the server."""
     budgets: Budgets
     policy: str = "tca"
     window: int | None = None
+    observe: int = 0
     counts: dict = field(default_factory=dict)     # layer -> per-block keep counts [Hkv, nb] of the last call
+    observed: dict = field(default_factory=dict)   # layer -> the prompt's observed selection (observe > 0)
 
     def __post_init__(self):
         b = self.budgets
-        self.params = TCAParams(b.block, self.window or b.window, b.scoring, self.policy)
+        self.params = TCAParams(b.block, self.window or b.window, b.scoring, self.policy, self.observe)
 
-    def keep(self, layer, q, k):
+    def mask(self, layer, q, k, pos, scale):
         keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params, layer)
-        return keep
+        if int(pos[0]) == 0:                                       # a whole prompt
+            mask, self.observed[layer] = prompt_mask(q, k, keep, self.params, scale)
+            return mask
+        if self.observed.get(layer) is not None:                   # decode after an observed prompt
+            keep = with_observed(keep, self.observed[layer], self.params.block)
+        return visible(keep, pos, k.shape[1], self.params)
 
     def kept_fraction(self, n: int) -> float:
         """Share of the dense KV kept at length n by the last run, mean over layers and KV heads."""
@@ -82,14 +91,9 @@ def _forward(module, query, key, value, attention_mask, scaling=None, dropout=0.
     _ACTIVE.queries[layer] = q_all
     if _ACTIVE.on_layer is not None:
         _ACTIVE.on_layer(layer, q_all, k)
-    keep = _ACTIVE.policy.keep(layer, q_all, k)
     pos = torch.arange(lk - lq, lk, device=q.device)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    if keep is None:
-        mask = (torch.arange(lk, device=q.device)[None, :] <= pos[:, None]).expand(k.shape[0], lq, lk)
-    else:
-        mask = visible(keep, pos, lk, _ACTIVE.policy.params)
-    out = masked_attention(q, k, v, mask, scale)
+    out = masked_attention(q, k, v, _ACTIVE.policy.mask(layer, q_all, k, pos, scale), scale)
     return out.transpose(0, 1)[None].contiguous(), None
 
 

@@ -12,12 +12,16 @@ The selection of block j is computed once, when the forward pass processes the b
 `scores_to_bits` and `select_at_slots` are the server-side selection (vectorised torch, graph-safe shapes);
 `kept_positions` expands the masks of a request into its kept token positions. Tests: tests/test_slot_state.py
 (against sglang_tca.algorithm).
+
+The question-aware end of prompt (`--tca-observe N`, `observe_request`) is the one selection that is *not* prefix-pure:
+it belongs to one request, so it is kept per request (a row of `obs_bits` [R, blocks, Hkv] per layer, indexed like
+req_to_token), never at shared slots.
 """
 from __future__ import annotations
 
 import torch
 
-from sglang_tca.algorithm import apply_policy, block_keep_counts, keep_from_counts, neff
+from sglang_tca.algorithm import TCAParams, apply_policy, block_keep_counts, dense_start, keep_from_counts, neff, observe_keep
 
 
 def bits_dtype_check(block: int) -> None:
@@ -56,6 +60,19 @@ def scores_to_bits(q_last: torch.Tensor, k_blk: torch.Tensor, thresholds: torch.
     return pack_bits(keep_from_counts(a, counts)), counts
 
 
+def block_end_rows(prefix_lens, extend_lens, block: int) -> list[int]:
+    """Rows of a packed extend batch (requests' new tokens back to back; request r's start at position
+    prefix_lens[r]) whose token ends a block j >= 1: the only tokens that select. Host ints in, host list out, so the
+    server can select those rows alone without a device sync (`select_at_slots` on the subset)."""
+    rows, off = [], 0
+    for p, e in zip(prefix_lens, extend_lens):
+        first = max(p, 2 * block - 1)
+        first += (-(first + 1)) % block                                             # (first + 1) % block == 0
+        rows.extend(range(off + first - p, off + e, block))
+        off += e
+    return rows
+
+
 def select_at_slots(q: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, req_rows: torch.Tensor,
                     req_to_token: torch.Tensor, k_buffer: torch.Tensor, thresholds: torch.Tensor,
                     slot_bits: torch.Tensor, block: int, scale: float, policy: str = "tca",
@@ -74,6 +91,24 @@ def select_at_slots(q: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
     bits, _ = scores_to_bits(q, k_buffer[k_slots.long()], thresholds, scale, policy, start, heads, layer)
     dest = torch.where(ends, slots, torch.zeros_like(slots))
     slot_bits[dest.long()] = torch.where(ends[:, None], bits, slot_bits[dest.long()])
+
+
+def observe_request(q_obs: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor, row: torch.Tensor,
+                    n: int, counts: torch.Tensor, p: TCAParams, scale: float, obs_bits: torch.Tensor) -> torch.Tensor:
+    """Question-aware end of prompt of one request of length n (a host int; n >= w + 2b) in req_to_token row `row`
+    ([1] device tensor: no host sync): `algorithm.observe_keep` of its last queries q_obs [N, Hq, D] over its keys,
+    keeping counts [Hkv] tokens per head. Writes the masks of its compressed blocks 1..nb into obs_bits [R, nblk,
+    Hkv] (this layer's, int64) at that row and returns the kept positions as [Hkv, ds - b] int32, each head's
+    ascending and then padded with ds (entries the attention kernel ignores, so the list of head h is the fixed
+    range [h * (ds - b), (h + 1) * (ds - b)): kept_indptr needs no host sync)."""
+    ds = int(dense_start(n, p.block, p.window))
+    slots = req_to_token.index_select(0, row)[0, :n].long()
+    keep = observe_keep(q_obs.transpose(0, 1), k_buffer[slots].transpose(0, 1), counts, p, scale)   # [Hkv, ds - b]
+    hkv, nb = keep.shape[0], ds // p.block - 1
+    blocks = torch.arange(1, nb + 1, device=keep.device)
+    obs_bits.view(-1, hkv)[row * obs_bits.shape[1] + blocks] = pack_bits(keep.view(hkv, nb, p.block)).T
+    pos = torch.arange(p.block, ds, device=keep.device, dtype=torch.int32)
+    return torch.where(keep, pos, ds).sort(-1).values
 
 
 def kept_positions(req_row: int, seq_len: int, req_to_token, slot_bits, block: int, window: int) -> list[torch.Tensor]:

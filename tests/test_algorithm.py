@@ -181,3 +181,55 @@ def test_budgets_expected_kept_matches_kept_fraction_at_fixed_counts():
             counts[:, 0] = 8
             assert b.expected_kept(n) == pytest.approx(kept_fraction(counts, n, p))
     assert Budgets.uniform(shape, [0, 0, 0, 1], block=8, window=32).expected_kept(333) == pytest.approx(1.0)
+
+
+def test_observed_end_of_prompt_finds_a_needle_at_the_same_budget():
+    """Question-aware end of prompt (p.observe): a "needle" of 3 tokens in a compressed block, whose keys the last
+    queries (the "question") match strongly, is kept for those queries and for the decode, though the prefix-pure
+    selection drops it; every head keeps exactly as many compressed tokens as before; earlier queries and everything
+    outside the compressed range are unchanged; observe = 0 is plain TCA."""
+    from sglang_tca.algorithm import observe_keep, prompt_mask, with_observed
+
+    p = TCAParams(block=8, window=32, observe=4)
+    L, scale = 160, D ** -0.5
+    q, k, v = rand_qkv(L, seed=7)
+    t = thresholds_for(p, "calibrated")
+    needle = torch.arange(42, 45)                                  # block 5, compressed (dense_start(160) = 128)
+    key = torch.randn(D, dtype=q.dtype, generator=torch.Generator().manual_seed(8))
+    k[:, needle] = 4 * key
+    q[:, L - p.observe:] = 4 * key
+    keep, _ = select(q, k, t, p)
+    ds = dense_start(L, p.block, p.window)
+    assert not keep[:, needle].all()                               # plain TCA drops part of it
+    mask, observed = prompt_mask(q, k, keep, p, scale)
+    assert observed[:, needle - p.block].all()                     # the question finds it
+    assert torch.equal(observed.sum(-1), keep[:, p.block:ds].sum(-1))
+    assert torch.equal(observed, observe_keep(q[:, L - p.observe:], k, keep[:, p.block:ds].sum(-1), p, scale))
+    tail = torch.arange(L - p.observe, L)
+    assert torch.equal(mask[:, L - p.observe:], visible(with_observed(keep, observed, p.block), tail, L, p))
+    assert torch.equal(mask[:, :L - p.observe], visible(keep, torch.arange(L - p.observe), L, p))
+    plain, none = prompt_mask(q, k, keep, TCAParams(block=8, window=32), scale)
+    assert none is None and torch.equal(plain, visible(keep, torch.arange(L), L, p))
+
+
+def test_hf_reference_decode_keeps_the_observed_selection():
+    """sglang_tca.hf_attention.TCA with observe: after a prompt, a decode step sees the prompt's observed tokens in
+    the prompt's compressed blocks (as the server's decode does), not a fresh prefix-pure selection."""
+    from sglang_tca.algorithm import prompt_mask, with_observed
+    from sglang_tca.budgets import Budgets, ModelShape
+    from sglang_tca.hf_attention import TCA
+
+    p = TCAParams(block=8, window=32, observe=4)
+    L = 160
+    q, k, _ = rand_qkv(L + 1, seed=9)
+    shape = ModelShape("test", num_layers=1, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D)
+    budgets = Budgets.uniform(shape, [0.4, 0.3, 0.2, 0.1], block=8, window=32,
+                              thresholds=thresholds_for(p, "calibrated")[None].float())
+    pol = TCA(budgets, observe=4)
+    pol.mask(0, q[:, :L], k[:, :L], torch.arange(L), D ** -0.5)
+    step = pol.mask(0, q, k, torch.tensor([L]), D ** -0.5)
+    keep, _ = select(q, k, budgets.thresholds[0], p)
+    _, observed = prompt_mask(q[:, :L], k[:, :L], select(q[:, :L], k[:, :L], budgets.thresholds[0], p)[0], p,
+                              D ** -0.5)
+    assert torch.equal(step, visible(with_observed(keep, observed, p.block), torch.tensor([L]), L + 1, p))
+    assert not torch.equal(step, visible(keep, torch.tensor([L]), L + 1, p))

@@ -96,3 +96,34 @@ def test_max_len_must_be_a_positive_int(max_len):
     with pytest.raises(ValueError, match="max_len"):
         kept_lists_from_bits(bits, r2t, torch.zeros(1, dtype=torch.long), torch.full((1,), 63), 8, 16,
                              torch.empty(64, dtype=torch.int32), max_len)
+
+
+def test_observed_blocks_come_from_the_request_masks():
+    """With `observed`, blocks 1..obs_nb[row] of each request read obs_bits[row] (the question-aware end of prompt),
+    later blocks their slots: obs_nb 0 (off), inside the compressed range, and past it, over several tiles."""
+    from sglang_tca.algorithm import dense_start
+    from sglang_tca.slot_state import unpack_bits
+
+    block, window, hkv, ctx = 8, 16, 2, 256
+    r2t, bits = random_pool(rows=5, ctx=ctx, hkv=hkv, block=block, seed=11)
+    g = torch.Generator().manual_seed(12)
+    obs_bits = torch.randint(0, 1 << block, (5, ctx // block + 1, hkv), generator=g, dtype=torch.int64)
+    obs_nb = torch.tensor([0, 3, 9, 40, 7], dtype=torch.int32)
+    rows, lens = [1, 0, 2, 3, 4], [200, 150, 120, 90, 17]
+    last = torch.tensor(lens, device=DEV) - 1
+    kept_pos = torch.full((sum(lens) * hkv,), -1, dtype=torch.int32, device=DEV)
+    indptr = kept_lists_from_bits(bits.to(DEV), r2t.to(DEV), torch.tensor(rows, device=DEV), last, block, window,
+                                  kept_pos, ctx, block_tile=2, observed=(obs_bits.to(DEV), obs_nb.to(DEV)))
+    indptr, kept_pos = indptr.cpu(), kept_pos.cpu()
+    n_from_obs = 0
+    for i, (row, n) in enumerate(zip(rows, lens)):
+        nb = dense_start(n, block, window) // block - 1
+        for h in range(hkv):
+            want = []
+            for j in range(1, nb + 1):
+                m = obs_bits[row, j, h] if j <= obs_nb[row] else bits[r2t[row, (j + 1) * block - 1], h]
+                n_from_obs += int(j <= obs_nb[row])
+                want += [j * block + t for t in range(block) if unpack_bits(m, block)[t]]
+            got = kept_pos[indptr[i * hkv + h]: indptr[i * hkv + h + 1]].tolist()
+            assert got == want, (row, n, h)
+    assert n_from_obs > 20 and indptr[-1] > 0

@@ -337,3 +337,69 @@ def test_gpu_select_blocks_32k():
     mismatch = (res.keep != want).any(-1).float().mean().item()
     assert mismatch < 1e-3, f"{mismatch:.2%} of (block, head) selections differ"        # near-ties only
     assert (res.counts != counts[:, 1:].t()).float().mean().item() < 1e-3
+
+
+def test_observed_end_of_prompt_feeds_attention_end_to_end():
+    """The server's question-aware end of prompt, composed as in sglang_tca.backend: slot masks (select_at_slots) ->
+    kept lists -> sparse attention for the prompt; observe_request for its last N queries (padded list) -> attention
+    for those rows; then a decode step whose kept lists read the observed row. Equals the reference
+    (algorithm.prompt_mask / with_observed) row by row, and the observed rows really differ from plain TCA."""
+    from sglang_tca.algorithm import prompt_mask, with_observed
+    from sglang_tca.kernels.kept_lists import kept_lists_from_bits
+    from sglang_tca.slot_state import observe_request, select_at_slots
+
+    p = TCAParams(block=16, window=64, observe=12)
+    hq, hkv, d, L = 4, 2, 32, 303                  # the decode at L compresses one more block (from its slot)
+    g = torch.Generator().manual_seed(31)
+    q_full = torch.randn(hq, L + 1, d, generator=g)
+    k_full = torch.randn(hkv, L + 1, d, generator=g) * 2.0
+    v_full = torch.randn(hkv, L + 1, d, generator=g)
+    thr = hetero_thresholds(p, hq, hkv, d)
+    scale = d ** -0.5
+    k_buf, r2t, row = _pool_for(q_full, k_full, seed=32)
+    v_buf = torch.zeros_like(k_buf)
+    v_buf[r2t[row, :L + 1].long()] = v_full.transpose(0, 1).to(DEV)
+    rows = torch.tensor([row], device=DEV)
+    bits = torch.zeros(k_buf.shape[0], hkv, dtype=torch.int64, device=DEV)
+    select_at_slots(q_full[:, :L].transpose(0, 1).to(DEV), torch.arange(L, device=DEV), r2t[row, :L].long(),
+                    torch.full((L,), row, device=DEV), r2t, k_buf, thr.to(DEV), bits, p.block, scale)
+    kept_pos = torch.empty((L + 1) * hkv, dtype=torch.int32, device=DEV)
+    kept_indptr = kept_lists_from_bits(bits, r2t, rows, torch.tensor([L - 1], device=DEV), p.block, p.window,
+                                       kept_pos, L)
+    q = q_full[:, :L].transpose(0, 1).contiguous().to(DEV)
+    args = dict(k_buffer=k_buf, v_buffer=v_buf, req_to_token=r2t, req_pool_indices=rows, block=p.block,
+                window=p.window, sm_scale=scale)
+    out = tca_sparse_attention(q=q, q_start_pos=torch.tensor([0], device=DEV),
+                               qo_indptr=torch.tensor([0, L], device=DEV), kept_indptr=kept_indptr, kept_pos=kept_pos,
+                               **args)
+    obs_bits = torch.zeros(r2t.shape[0], r2t.shape[1] // p.block + 1, hkv, dtype=torch.int64, device=DEV)
+    kept = observe_request(q[L - p.observe:], k_buf, r2t, rows, L, kept_indptr.diff(), p, scale, obs_bits)
+    width = kept.shape[1]
+    out[L - p.observe:] = tca_sparse_attention(
+        q=q[L - p.observe:], q_start_pos=torch.tensor([L - p.observe], device=DEV),
+        qo_indptr=torch.tensor([0, p.observe], device=DEV),
+        kept_indptr=torch.arange(hkv + 1, device=DEV, dtype=torch.int32) * width, kept_pos=kept.flatten(), **args)
+
+    keep, _ = select(q_full[:, :L], k_full[:, :L], thr, p)
+    mask, observed = prompt_mask(q_full[:, :L], k_full[:, :L], keep, p, scale)
+    want = masked_attention(q_full[:, :L], k_full[:, :L], v_full[:, :L], mask, scale)
+    torch.testing.assert_close(out.cpu(), want.transpose(0, 1), atol=2e-5, rtol=2e-5)
+    plain = masked_attention(q_full[:, :L], k_full[:, :L], v_full[:, :L],
+                             visible(keep, torch.arange(L), L, p), scale)
+    assert not torch.allclose(plain[:, -1], want[:, -1], atol=1e-3)     # the observed rows see other tokens
+    assert torch.equal(observed.sum(-1), keep[:, p.block:dense_start(L, p.block, p.window)].sum(-1))
+
+    # decode step at position L: blocks of the prompt from obs_bits (obs_nb), the rest from the slots
+    assert dense_start(L + 1, p.block, p.window) > dense_start(L, p.block, p.window)
+    select_at_slots(q_full[:, L:].transpose(0, 1).to(DEV), torch.tensor([L], device=DEV), r2t[row, L:L + 1].long(),
+                    rows, r2t, k_buf, thr.to(DEV), bits, p.block, scale)
+    obs_nb = torch.zeros(r2t.shape[0], dtype=torch.int32, device=DEV)
+    obs_nb[row] = observed.shape[1] // p.block
+    kept_indptr = kept_lists_from_bits(bits, r2t, rows, torch.tensor([L], device=DEV), p.block, p.window, kept_pos,
+                                       L + 1, observed=(obs_bits, obs_nb))
+    out1 = tca_sparse_attention(q=q_full[:, L:].transpose(0, 1).contiguous().to(DEV),
+                                q_start_pos=torch.tensor([L], device=DEV), qo_indptr=torch.tensor([0, 1], device=DEV),
+                                kept_indptr=kept_indptr, kept_pos=kept_pos, **args)
+    keep1 = with_observed(select(q_full, k_full, thr, p)[0], observed, p.block)
+    want1 = masked_attention(q_full[:, L:], k_full, v_full, visible(keep1, torch.tensor([L]), L + 1, p), scale)
+    torch.testing.assert_close(out1.cpu(), want1.transpose(0, 1), atol=2e-5, rtol=2e-5)

@@ -188,11 +188,11 @@ def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_config_env_roundtrip_and_errors():
     env: dict = {}
-    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random")
+    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random", observe=32)
     c.to_env(env)
     assert TCAConfig.from_env(env) == c and TCAConfig.from_env({}) is None
     for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}',
-                '{"policy": "oracle"}'):
+                '{"policy": "oracle"}', '{"observe": -1}', '{"observe": 2.5}'):
         with pytest.raises(TCAConfigError):
             TCAConfig.from_json(bad)
 
@@ -329,6 +329,8 @@ def _other_shape(tmp_path):
     ("bad_int", "argument --tca-window: invalid int value"),
     ("bad_window", "--tca-window 100 must be a positive multiple"),
     ("bad_policy", "argument --tca-policy: invalid choice: 'oracle'"),
+    ("negative_observe", "--tca-observe must be >= 0"),
+    ("observe_past_window", "--tca-observe 200 must not exceed the window (128 tokens)"),
 ])
 def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
     argv = {
@@ -340,6 +342,8 @@ def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
         "bad_int": ["--model", str(model), "--tca-window", "big"],
         "bad_window": ["--model", str(model), "--tca-window", "100"],
         "bad_policy": ["--model", str(model), "--tca-policy", "oracle"],
+        "negative_observe": ["--model", str(model), "--tca-observe", "-3"],
+        "observe_past_window": ["--model", str(model), "--tca-window", "128", "--tca-observe", "200"],
     }[case]
     served = []
     rc, err = _run_main(argv, capsys, serve=lambda *a: served.append(a))
@@ -383,14 +387,15 @@ def test_cli_launches_with_tca_scheduler(sgl, model, capsys, monkeypatch):
     launched = {}
     monkeypatch.setattr(http_server, "launch_server", lambda sa, **kw: launched.update(sa=sa, **kw))
     monkeypatch.setattr(sgl_utils, "kill_process_tree", lambda *a, **k: None)
-    rc, err = _run_main(["--model", str(model), "--tca-window", "128", "--tca-policy", "streaming", *SGLANG_FLAGS],
-                        capsys)
+    rc, err = _run_main(["--model", str(model), "--tca-window", "128", "--tca-policy", "streaming",
+                         "--tca-observe", "32", *SGLANG_FLAGS], capsys)
     assert rc == 0, err
     assert launched["sa"].attention_backend == "tca"
     assert launched["run_scheduler_process_func"] is sgl.run_scheduler_process
     cfg = TCAConfig.from_env()
     assert cfg.window == 128 and cfg.budgets == str((model / "tca_budgets.json").resolve())
     assert cfg.policy == "streaming" and tca_config.load_runtime(str(model)).policy == "streaming"
+    assert cfg.observe == 32 and tca_config.load_runtime(str(model)).observe == 32
 
 
 def test_offline_engine_checks_tca_config_before_starting(sgl, model, tmp_path, monkeypatch):

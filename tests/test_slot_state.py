@@ -89,3 +89,16 @@ def test_random_policy_draws_by_global_head_id():
         views.append(kept_positions(0, 300, pool.req_to_token, pool.bits, B, W))
     assert all(torch.equal(a, b) for a, b in zip(views[0], views[1]))
     assert not all(torch.equal(a, b) for a, b in zip(views[0], views[2]))
+
+
+def test_block_end_rows_are_the_selecting_tokens():
+    """The host-side rows the server selects in an extend batch are exactly the tokens select_at_slots would store
+    a mask for (positions ending a block j >= 1), for prefixes and chunks at and around block edges."""
+    from sglang_tca.slot_state import block_end_rows
+
+    cases = [([0], [300]), ([0, 5, 63, 64, 127, 130], [1, 200, 1, 64, 2, 7]), ([2 * B - 1, 0], [1, 2 * B - 1]),
+             ([], []), ([40], [0])]
+    for prefix, ext in cases:
+        pos = torch.cat([torch.arange(p, p + e) for p, e in zip(prefix, ext)] or [torch.zeros(0, dtype=torch.long)])
+        want = torch.nonzero(((pos + 1) % B == 0) & (pos >= 2 * B - 1)).flatten().tolist()
+        assert block_end_rows(prefix, ext, B) == want, (prefix, ext)

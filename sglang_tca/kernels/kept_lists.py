@@ -27,22 +27,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_tile(slot_bits, req_to_token, row, h, t0, nb, stride_sb, stride_r2t,
-                BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Keep mask [BLOCK_B, BLOCK] of blocks j = 1 + t0 .. 1 + t0 + BLOCK_B - 1 (masked beyond block nb)."""
+def _block_tile(slot_bits, req_to_token, obs_bits, obs_nb, row, h, t0, nb, stride_sb, stride_r2t, stride_or,
+                stride_oj, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, OBSERVED: tl.constexpr):
+    """Keep mask [BLOCK_B, BLOCK] of blocks j = 1 + t0 .. 1 + t0 + BLOCK_B - 1 (masked beyond block nb); with
+    OBSERVED, blocks j <= obs_nb[row] come from the request's observed masks obs_bits[row, j, h]."""
     j = 1 + t0 + tl.arange(0, BLOCK_B)
     valid = j <= nb
-    slot = tl.load(req_to_token + row * stride_r2t + (j + 1) * BLOCK - 1, mask=valid, other=0).to(tl.int64)
-    bits = tl.load(slot_bits + slot * stride_sb + h, mask=valid, other=0)
+    from_slot = valid
+    if OBSERVED:
+        from_obs = valid & (j <= tl.load(obs_nb + row))
+        from_slot = valid & (j > tl.load(obs_nb + row))
+    slot = tl.load(req_to_token + row * stride_r2t + (j + 1) * BLOCK - 1, mask=from_slot, other=0).to(tl.int64)
+    bits = tl.load(slot_bits + slot * stride_sb + h, mask=from_slot, other=0)
+    if OBSERVED:
+        bits = tl.where(from_obs, tl.load(obs_bits + row * stride_or + j * stride_oj + h, mask=from_obs, other=0),
+                        bits)
     bit = tl.arange(0, BLOCK).to(tl.int64)
     keep = ((bits[:, None] >> bit[None, :]) & 1) != 0
     return keep & valid[:, None], j
 
 
 @triton.jit
-def _kept_count_kernel(slot_bits, req_to_token, req_pool_indices, last_pos, counts,
-                       stride_sb, stride_r2t, Hkv, window, n_tiles,
-                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+def _kept_count_kernel(slot_bits, req_to_token, obs_bits, obs_nb, req_pool_indices, last_pos, counts,
+                       stride_sb, stride_r2t, stride_or, stride_oj, Hkv, window, n_tiles,
+                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, OBSERVED: tl.constexpr):
     t = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -53,15 +61,16 @@ def _kept_count_kernel(slot_bits, req_to_token, req_pool_indices, last_pos, coun
     total = 0
     if t0 < nb:
         row = tl.load(req_pool_indices + r).to(tl.int64)
-        keep, j = _block_tile(slot_bits, req_to_token, row, h, t0, nb, stride_sb, stride_r2t, BLOCK, BLOCK_B)
+        keep, j = _block_tile(slot_bits, req_to_token, obs_bits, obs_nb, row, h, t0, nb, stride_sb, stride_r2t,
+                              stride_or, stride_oj, BLOCK, BLOCK_B, OBSERVED)
         total = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK]), 0)
     tl.store(counts + idx, total)
 
 
 @triton.jit
-def _kept_write_kernel(slot_bits, req_to_token, req_pool_indices, last_pos, counts, ends, kept_indptr, kept_pos,
-                       stride_sb, stride_r2t, Hkv, window, n_tiles,
-                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+def _kept_write_kernel(slot_bits, req_to_token, obs_bits, obs_nb, req_pool_indices, last_pos, counts, ends,
+                       kept_indptr, kept_pos, stride_sb, stride_r2t, stride_or, stride_oj, Hkv, window, n_tiles,
+                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, OBSERVED: tl.constexpr):
     t = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -78,7 +87,8 @@ def _kept_write_kernel(slot_bits, req_to_token, req_pool_indices, last_pos, coun
     if t0 < nb:
         out = end.to(tl.int64) - tl.load(counts + idx)
         row = tl.load(req_pool_indices + r).to(tl.int64)
-        keep, j = _block_tile(slot_bits, req_to_token, row, h, t0, nb, stride_sb, stride_r2t, BLOCK, BLOCK_B)
+        keep, j = _block_tile(slot_bits, req_to_token, obs_bits, obs_nb, row, h, t0, nb, stride_sb, stride_r2t,
+                              stride_or, stride_oj, BLOCK, BLOCK_B, OBSERVED)
         k1 = tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK])
         pos = tl.reshape(j[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], [BLOCK_B * BLOCK])
         dest = out + tl.cumsum(k1, 0) - 1
@@ -93,10 +103,13 @@ def n_block_tiles(max_len: int, block: int, window: int, block_tile: int) -> int
 
 def kept_lists_from_bits(slot_bits: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                          last_pos: torch.Tensor, block: int, window: int, kept_pos: torch.Tensor, max_len: int,
-                         block_tile: int = 16) -> torch.Tensor:
+                         block_tile: int = 16, observed: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
     """slot_bits [slots, Hkv] int64 (one layer), last_pos [bs] = position of each request's last query, max_len a
     host int >= last_pos + 1 of every request (sets the grid; larger only adds empty tiles); fills kept_pos (int32,
-    capacity >= the total) and returns kept_indptr [bs*Hkv+1] int32."""
+    capacity >= the total) and returns kept_indptr [bs*Hkv+1] int32. `observed` = (obs_bits [R, nblk, Hkv] int64
+    (one layer), obs_nb [R] int32): blocks 1..obs_nb[row] of the request in req_to_token row `row` take their masks
+    from obs_bits[row] instead of the slots (the question-aware end of prompt, see sglang_tca.backend)."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int (an upper bound on last_pos + 1), got {max_len!r}")
     if block_tile <= 0 or block_tile & (block_tile - 1):
@@ -111,10 +124,15 @@ def kept_lists_from_bits(slot_bits: torch.Tensor, req_to_token: torch.Tensor, re
     counts = torch.empty(bs * hkv * n_tiles, dtype=torch.int32, device=dev)
     ends = torch.empty_like(counts)
     grid = (n_tiles, bs, hkv)
-    common = dict(stride_sb=slot_bits.stride(0), stride_r2t=req_to_token.stride(0), Hkv=hkv, window=window,
-                  n_tiles=n_tiles, BLOCK=block, BLOCK_B=block_tile)
-    _kept_count_kernel[grid](slot_bits, req_to_token, req_pool_indices, last_pos, counts, **common)
+    obs_bits, obs_nb = observed if observed is not None else (slot_bits, last_pos)   # unread without OBSERVED
+    if observed is not None and obs_bits.stride(2) != 1:
+        raise ValueError("obs_bits must be contiguous over KV heads")
+    common = dict(stride_sb=slot_bits.stride(0), stride_r2t=req_to_token.stride(0),
+                  stride_or=obs_bits.stride(0), stride_oj=obs_bits.stride(1) if observed is not None else 0,
+                  Hkv=hkv, window=window, n_tiles=n_tiles, BLOCK=block, BLOCK_B=block_tile,
+                  OBSERVED=observed is not None)
+    _kept_count_kernel[grid](slot_bits, req_to_token, obs_bits, obs_nb, req_pool_indices, last_pos, counts, **common)
     torch.cumsum(counts, 0, out=ends)
-    _kept_write_kernel[grid](slot_bits, req_to_token, req_pool_indices, last_pos, counts, ends, kept_indptr,
-                             kept_pos, **common)
+    _kept_write_kernel[grid](slot_bits, req_to_token, obs_bits, obs_nb, req_pool_indices, last_pos, counts, ends,
+                             kept_indptr, kept_pos, **common)
     return kept_indptr
