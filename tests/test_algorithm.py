@@ -233,3 +233,18 @@ def test_hf_reference_decode_keeps_the_observed_selection():
                               D ** -0.5)
     assert torch.equal(step, visible(with_observed(keep, observed, p.block), torch.tensor([L]), L + 1, p))
     assert not torch.equal(step, visible(keep, torch.tensor([L]), L + 1, p))
+
+
+def test_observe_keep_is_the_same_in_key_chunks():
+    """observe_keep's chunked softmax (normaliser pass, then scores) gives the choice of one pass over all keys,
+    for chunk sizes that do and do not divide the length; nothing compressed gives an empty choice."""
+    from sglang_tca.algorithm import observe_keep
+
+    p = TCAParams(block=8, window=32, observe=5)
+    q, k, _ = rand_qkv(203, seed=11)
+    counts = torch.tensor([40, 75])
+    whole = observe_keep(q[:, -5:], k, counts, p, D ** -0.5, chunk=10 ** 6)
+    assert whole.shape == (HKV, dense_start(203, 8, 32) - 8) and torch.equal(whole.sum(-1), counts)
+    for chunk in (7, 64, 100):
+        assert torch.equal(observe_keep(q[:, -5:], k, counts, p, D ** -0.5, chunk=chunk), whole), chunk
+    assert observe_keep(q[:, -5:, :], k[:, :40], counts, p, D ** -0.5).shape == (HKV, 0)
