@@ -21,6 +21,7 @@ request, the share of its KV that its last token sees (`_record_kept`).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -132,7 +133,7 @@ class TCAAttnBackend(TritonAttnBackend):
         self._final = n >= fb.orig_seq_lens if fb.orig_seq_lens is not None else torch.ones_like(n, dtype=torch.bool)
         nb = dense_start(n, self.block, self.window) // self.block - 1
         self.obs_nb[fb.req_pool_indices] = torch.where(self._final, nb, 0).to(torch.int32)
-        ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0).tolist()
+        ends = itertools.accumulate(fb.extend_seq_lens_cpu)
         self._observe_reqs = [(r, n_r, min(self.observe, ext), end) for r, (n_r, ext, end)
                               in enumerate(zip(fb.seq_lens_cpu.tolist(), fb.extend_seq_lens_cpu, ends))
                               if n_r >= self._sparse_from]

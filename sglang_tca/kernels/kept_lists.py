@@ -35,8 +35,9 @@ def _block_tile(slot_bits, req_to_token, obs_bits, obs_nb, row, h, t0, nb, strid
     valid = j <= nb
     from_slot = valid
     if OBSERVED:
-        from_obs = valid & (j <= tl.load(obs_nb + row))
-        from_slot = valid & (j > tl.load(obs_nb + row))
+        n_obs = tl.load(obs_nb + row)
+        from_obs = valid & (j <= n_obs)
+        from_slot = valid & (j > n_obs)
     slot = tl.load(req_to_token + row * stride_r2t + (j + 1) * BLOCK - 1, mask=from_slot, other=0).to(tl.int64)
     bits = tl.load(slot_bits + slot * stride_sb + h, mask=from_slot, other=0)
     if OBSERVED:
