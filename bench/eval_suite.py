@@ -39,7 +39,7 @@ LENGTHS = (2048, 4096, 8192)
 FIDELITY_TOKENS = 256        # teacher-forced positions scored at the end of each essay window
 CONTINUATION = 64            # greedy tokens compared with dense
 TARGET_KEPT = 0.35           # the issue's KV budget at 8K
-SWEEP = (0.02, 0.05, 0.1, 0.2, 0.3)
+SWEEP = (0.02, 0.05, 0.07, 0.1, 0.2, 0.3)
 OBSERVE = 32                 # observation queries of the question-aware runs (--tca-observe)
 MT_TURNS = 4
 MT_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
@@ -125,31 +125,41 @@ def load_items(path) -> list[dict]:
 # run (GPU)
 # ---------------------------------------------------------------------------------------------------------------------
 def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
-    """The policy runs, most important first (a call that runs out of time still has the main comparison)."""
+    """The policy runs, most important first (a call that runs out of time still has the main comparison). Peers
+    run at the two largest TCA budgets whose expected kept share at 8K is <= TARGET_KEPT; StreamingLLM also at the
+    share of the largest budget measured with observe (eps 0.05)."""
     from sglang_tca.budgets import Budgets
 
     tca = {e: budgets_dir / f"tca_w1024_eps{e}.json" for e in sweep}
     fits = [e for e in sweep if Budgets.load(tca[e]).expected_kept(8192) <= TARGET_KEPT]
     if not fits:
         raise SystemExit(f"error: no budgets in {budgets_dir} keep <= {TARGET_KEPT} at 8K; run bench/eval_budgets.py")
-    main = min(fits)
-    b = Budgets.load(tca[main])
-    w_stream = int((b.expected_kept(8192) * 8192 - b.block) // b.block * b.block)
-    runs = [{"name": "dense", "backend": "triton"},
-            {"name": f"tca eps={main}", "budgets": tca[main], "eps": main},
-            {"name": f"uniform eps={main}", "budgets": budgets_dir / f"uniform_w1024_eps{main}.json", "eps": main},
-            {"name": f"streaming w={w_stream}", "budgets": tca[main], "policy": "streaming", "window": w_stream},
-            {"name": f"random eps={main}", "budgets": tca[main], "policy": "random", "eps": main}]
-    runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e} for e in sweep if e != main]
-    w512 = budgets_dir / f"tca_w512_eps{main}.json"
+    peers = sorted(fits)[:2]
+
+    def streaming(e):                                    # sink + the window that keeps TCA's share at 8K
+        b = Budgets.load(tca[e])
+        w = int((b.expected_kept(8192) * 8192 - b.block) // b.block * b.block)
+        return {"name": f"streaming w={w}", "budgets": tca[e], "policy": "streaming", "window": w}
+
+    def uniform(e, **kw):
+        return {"budgets": budgets_dir / f"uniform_w1024_eps{e}.json", "eps": e, **kw}
+
+    runs = [{"name": "dense", "backend": "triton"}]
+    for e in peers:
+        runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e},
+                 {"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE},
+                 streaming(e),
+                 {"name": f"uniform eps={e}", **uniform(e)},
+                 {"name": f"uniform+obs{OBSERVE} eps={e}", **uniform(e, observe=OBSERVE)},
+                 {"name": f"random eps={e}", "budgets": tca[e], "policy": "random", "eps": e}]
+    rest = [e for e in sweep if e not in peers]
+    runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e} for e in rest]
+    runs += [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE} for e in rest]
+    if 0.05 in rest:
+        runs.append(streaming(0.05))
+    w512 = budgets_dir / f"tca_w512_eps{peers[-1]}.json"
     if w512.is_file():                                   # the window as a knob: w 512 at the same eps
-        runs.append({"name": f"tca w=512 eps={main}", "budgets": w512, "eps": main})
-    # question-aware end of prompt (--tca-observe): per-head TCA budgets vs uniform ones, and the eps sweep
-    runs += [{"name": f"tca+obs{OBSERVE} eps={main}", "budgets": tca[main], "eps": main, "observe": OBSERVE},
-             {"name": f"uniform+obs{OBSERVE} eps={main}", "budgets": budgets_dir / f"uniform_w1024_eps{main}.json",
-              "eps": main, "observe": OBSERVE}]
-    runs += [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE}
-             for e in sweep if e != main]
+        runs.append({"name": f"tca w=512 eps={peers[-1]}", "budgets": w512, "eps": peers[-1]})
     for r in runs:
         r.setdefault("backend", "tca")
         r["budgets"] = str(r["budgets"]) if "budgets" in r else None
@@ -336,11 +346,13 @@ def summarize(results: list[dict]) -> dict:
     out = {}
     for r in results:
         name, ph = r["spec"]["name"], r["phases"]
-        s = {"spec": r["spec"], "ruler": {}, "avg": {}, "kept": {}, "fidelity": {}, "mt": {}, "ttft": ph.get("ttft")}
+        s = {"spec": r["spec"], "ruler": {}, "avg": {}, "kept": {}, "fidelity": {}, "mt": {}, "ttft": ph.get("ttft"),
+             "samples": {}}
         per_len: dict[int, list[float]] = {}
         lengths_of = {}
         for row in ph["ruler"]:
             sc = ruler.score(row["output"], row)
+            s["samples"].setdefault(row["length"], {})[f"{row['task']}#{row['index']}"] = sc
             s["ruler"].setdefault(f"{row['task']}@{row['length']}", []).append(sc)
             per_len.setdefault(row["length"], []).append(sc)
             lengths_of[row["n_tokens"]] = row["length"]
@@ -364,6 +376,29 @@ def summarize(results: list[dict]) -> dict:
             s["mt"][mode] = {t: (mean_ci([a for a, _ in v]), sum(c for _, c in v) / len(v),
                                  1.0 if r["spec"]["backend"] == "triton" else kept.get(t)) for t, v in acc.items()}
         out[name] = s
+    return out
+
+
+def paired(a: dict, b: dict, length: int) -> tuple[float, float, int]:
+    """Mean per-prompt RULER score difference a - b at one length over the prompts both ran, with its 95% CI."""
+    sa, sb = a["samples"].get(length, {}), b["samples"].get(length, {})
+    return mean_ci([sa[k] - sb[k] for k in sa if k in sb])
+
+
+def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
+    """(run, baseline, difference) for each TCA run with observe against dense and against the baselines that
+    share its eps (uniform with observe, TCA without) or its KV share (StreamingLLM from the same budgets file)."""
+    out = []
+    dense = next((n for n, s in summ.items() if s["spec"]["backend"] == "triton"), None)
+    for name, s in summ.items():
+        sp = s["spec"]
+        if not name.startswith("tca+obs"):
+            continue
+        bases = [dense] + [n for n, t in summ.items() if n != name and (
+            (t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"])
+            or (t["spec"].get("eps") == sp["eps"] and n.split()[0] in ("uniform+obs%d" % sp["observe"], "tca")
+                and t["spec"].get("window") is None and "w=" not in n))]
+        out += [(name, b, paired(s, summ[b], length)) for b in bases if b is not None]
     return out
 
 
@@ -430,6 +465,9 @@ def markdown(meta: dict, summ: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{_f(s['ruler'][f'{t}@{n}'][0])} ± {_f(s['ruler'][f'{t}@{n}'][1])}" if f"{t}@{n}" in s["ruler"] else "-"
                 for t in ruler.TASKS) + " |")
+    lines += ["\n## Paired differences at 8K (the same prompts: mean per-prompt RULER score difference ± 95% CI)\n",
+              "| run | minus | difference | n |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {_f(d[0])} ± {_f(d[1])} | {d[2]} |" for a, b, d in paired_rows(summ)]
     lines += ["\n## Fidelity to dense on held-out essays (teacher-forced top-1 agreement, NLL increase in nats/token, "
               f"greedy {CONTINUATION}-token continuation agreement)\n",
               "| run | " + " | ".join(f"{n // 1024}K top-1 | {n // 1024}K dNLL | {n // 1024}K cont." for n in LENGTHS) + " |",

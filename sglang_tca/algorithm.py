@@ -156,20 +156,18 @@ def select(q: torch.Tensor, k: torch.Tensor, thresholds: torch.Tensor, p: TCAPar
 OBSERVE_POOL = 7     # max-pooling width of the observation scores: a kept token brings its neighbours (SnapKV)
 
 
-def observe_keep(q_obs: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, p: TCAParams, scale: float,
-                 pool: int = OBSERVE_POOL, chunk: int = 8192) -> torch.Tensor:
-    """Question-aware selection at the end of a prompt of length n = k.shape[1] (SnapKV-style observation window):
-    keep [Hkv, ds - b] bool over the compressed positions [b, ds), ds = dense_start(n), keeping counts[h] tokens
-    (the prefix-pure selection's number there, so the KV budget and the per-head budgets are unchanged) chosen by
-    the attention of the prompt's last N queries: softmax over all causal keys, mean over the N queries, max over
-    the group's query heads, max-pooled over `pool` neighbouring positions; ties go to the earlier token.
-    q_obs [Hq, N, D] the queries of positions n-N..n-1, k [Hkv, n, D], counts [Hkv] int. Keys are processed `chunk`
-    at a time (a softmax normaliser pass, then the scores), so memory is O(Hq * N * chunk), not O(Hq * N * n)."""
+def observe_scores(q_obs: torch.Tensor, k: torch.Tensor, p: TCAParams, scale: float, pool: int = OBSERVE_POOL,
+                   chunk: int = 8192) -> torch.Tensor:
+    """a [Hkv, ds - b] over the compressed positions [b, ds), ds = dense_start(n), of a prompt of length n =
+    k.shape[1]: the attention of its last N queries q_obs [Hq, N, D] (positions n-N..n-1), softmax over all causal
+    keys, mean over the N queries, max over the group's query heads, max-pooled over `pool` neighbouring positions.
+    Keys are processed `chunk` at a time (a softmax normaliser pass, then the scores), so memory is
+    O(Hq * N * chunk), not O(Hq * N * n)."""
     hq, n_obs, d = q_obs.shape
     hkv, n, _ = k.shape
     ds = int(dense_start(n, p.block, p.window))
     if ds <= p.block:
-        return torch.zeros(hkv, 0, dtype=torch.bool, device=k.device)
+        return k.new_zeros(hkv, 0, dtype=torch.float32)
     qf = q_obs.float().reshape(hkv, hq // hkv, n_obs, d) * scale
     q_pos = n - n_obs + torch.arange(n_obs, device=k.device)
 
@@ -180,7 +178,16 @@ def observe_keep(q_obs: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, p: 
     lse = torch.stack([logits(t0, min(t0 + chunk, n)).logsumexp(-1) for t0 in range(0, n, chunk)]).logsumexp(0)
     a = torch.cat([(logits(t0, min(t0 + chunk, ds)) - lse[..., None]).exp().mean(2).amax(1)
                    for t0 in range(p.block, ds, chunk)], -1)                               # [Hkv, ds - b]
-    a = torch.nn.functional.max_pool1d(a[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+    return torch.nn.functional.max_pool1d(a[:, None], pool, stride=1, padding=pool // 2)[:, 0]
+
+
+def observe_keep(q_obs: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, p: TCAParams, scale: float,
+                 pool: int = OBSERVE_POOL, chunk: int = 8192) -> torch.Tensor:
+    """Question-aware selection at the end of a prompt (SnapKV-style observation window): keep [Hkv, ds - b] bool
+    over the compressed positions, keeping counts[h] tokens per KV head (the prefix-pure selection's number there,
+    so the KV budget and the per-head budgets are unchanged), the top ones by `observe_scores`; ties go to the
+    earlier token. q_obs [Hq, N, D], k [Hkv, n, D], counts [Hkv] int."""
+    a = observe_scores(q_obs, k, p, scale, pool, chunk)
     return keep_from_counts(a, counts.to(a.device))
 
 

@@ -27,3 +27,19 @@ def smollm2(smollm2_dir):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A randomly initialised 2-layer Llama (4 query heads, 2 KV heads, vocab 128) on the reference "tca" attention.
+    Shared: do not modify it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sglang_tca.hf_attention  # noqa: F401  (registers the "tca" attention)
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "tca"
+    return model

@@ -75,18 +75,6 @@ def test_too_short_text_is_a_clear_error():
         sample_rows(40, TCAParams(block=8, window=32), 10)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    model.config._attn_implementation = "tca"
-    return model
-
-
 def test_calibrate_one_forward_pass_writes_valid_budgets(tiny_llama, tmp_path):
     import sglang_tca.hf_attention  # noqa: F401
 

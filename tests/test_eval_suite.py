@@ -15,7 +15,7 @@ def samples(smollm2_dir):
     return [s for t in ("niah_single", "qa_squad") for s in ruler.build(t, 2048, 3, tok)]
 
 
-def fake_run(name, backend, samples, right: bool, kept=None, fid_shift=0):
+def fake_run(name, backend, samples, right: bool, kept=None, fid_shift=0, **spec):
     keys = ("task", "length", "index", "answers", "metric")
     ruler_rows = [{**{k: s[k] for k in keys}, "n_tokens": s["n_tokens"],
                    "output": " ".join(s["answers"]) if right else "no idea"} for s in samples]
@@ -25,7 +25,7 @@ def fake_run(name, backend, samples, right: bool, kept=None, fid_shift=0):
            "cached": 100 * t, "prompt_tokens": 1500 + t} for t in range(eval_suite.MT_TURNS)]
     mt += [{"turn": t, "kept": kept} for t in range(eval_suite.MT_TURNS)]
     stats = [{"seq_len": s["n_tokens"], "kept": kept} for s in samples] + [{"seq_len": 7, "kept": 0.9}]
-    return {"spec": {"name": name, "backend": backend}, "device": "test", "date": "today",
+    return {"spec": {"name": name, "backend": backend, **spec}, "device": "test", "date": "today",
             "phases": {"ruler": ruler_rows, "fidelity": fid, "multiturn_separate": mt, "multiturn_conversation": mt,
                        "ttft": {"4096": {"first": 1, "median_rest": 0.1}, "8192": {"first": 1, "median_rest": 0.2}}},
             "stats": {"ruler": stats if backend == "tca" else []}}
@@ -49,3 +49,23 @@ def test_report_scores_kept_fidelity_and_plot(samples, tmp_path):
     eval_suite.plots(s8, tmp_path)
     assert (tmp_path / "eval_smollm2.png").stat().st_size > 10_000
     json.dumps(summ)                                                                 # the summary is plain data
+
+
+def test_paired_differences_match_runs_to_their_baselines(samples):
+    """Each observe run is compared, prompt by prompt, with dense, with TCA and uniform+observe at its eps, and
+    with the StreamingLLM run made from its budgets file; runs at another eps are not its baselines."""
+    half = [s["index"] < 2 for s in samples]                         # right on 4 of the 6 prompts
+    run = fake_run("tca+obs32 eps=0.1", "tca", samples, True, 0.3, budgets="b0.1", eps=0.1, observe=32)
+    run["phases"]["ruler"] = [r if h else {**r, "output": "no idea"} for r, h in zip(run["phases"]["ruler"], half)]
+    runs = [fake_run("dense", "triton", samples, True), run,
+            fake_run("tca eps=0.1", "tca", samples, False, 0.3, budgets="b0.1", eps=0.1),
+            fake_run("uniform+obs32 eps=0.1", "tca", samples, False, 0.3, budgets="u0.1", eps=0.1, observe=32),
+            fake_run("streaming w=1984", "tca", samples, False, 0.3, budgets="b0.1", policy="streaming", window=1984),
+            fake_run("streaming w=3200", "tca", samples, False, 0.4, budgets="b0.05", policy="streaming", window=3200),
+            fake_run("tca eps=0.05", "tca", samples, False, 0.4, budgets="b0.05", eps=0.05)]
+    rows = {(a, b): d for a, b, d in eval_suite.paired_rows(eval_suite.summarize(runs), length=2048)}
+    assert set(rows) == {("tca+obs32 eps=0.1", b) for b in ("dense", "tca eps=0.1", "uniform+obs32 eps=0.1",
+                                                            "streaming w=1984")}
+    d = rows[("tca+obs32 eps=0.1", "dense")]
+    assert d[0] == pytest.approx(-100 / 3) and d[2] == 6 and d[1] > 0
+    assert rows[("tca+obs32 eps=0.1", "streaming w=1984")][0] == pytest.approx(200 / 3)

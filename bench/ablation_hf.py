@@ -1,0 +1,254 @@
+"""Where TCA's retrieval loss at 8K comes from: variants of the reference TCA (sglang_tca.hf_attention) on the GPU,
+each at the budgets' own per-block counts, scored against dense on RULER prompts.
+
+    (GPU) source .gpu/env.sh && SKIP_GPU_TESTS=1 bash bench/gpu_smollm2.sh bench/ablation_hf.py [--n 12]
+          (carry .gpu, .data, .eval; the prompts are bench/eval_suite.py's)
+    (CPU) .venv/bin/python bench/ablation_hf.py --report DIR/ablation.jsonl [--out bench/results/ablation_smollm2.md]
+
+Per RULER sample (the first n of each task at --length): dense greedy output (up to --max-new tokens, the same
+masked fp32 attention path as every variant), then every variant teacher-forced on that output in two forward passes
+(prompt, then the output: the pruned decode's view). A variant *keeps* a sample when every output token is its
+argmax too, i.e. greedy decoding under the variant reproduces dense's answer. Reported: the share of dense-correct
+samples kept (retained), the RULER score if only kept samples score (a lower bound of the variant's own score),
+and the KV kept. It is a diagnosis tool, cheaper than a server run per idea; the numbers the issue asks for come
+from bench/eval_suite.py through SGLang.
+
+Variants (all share the sparse prefill of TCA unless said):
+  obs N          the prompt's last N queries re-choose the compressed tokens (--tca-observe N)
+  pool P         observation scores max-pooled over P positions (default 7)
+  joint          observed tokens chosen jointly over a layer's KV heads (same total) instead of per head
+  dense_tail M   the prompt's last M queries attend to everything in prefill (the question dense)
+  dense_prefill  the whole prompt dense; only the decode reads the pruned cache (SnapKV-style bound)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_tca.algorithm import (dense_start, keep_from_counts, observe_scores, select, visible,  # noqa: E402
+                                  with_observed)
+from sglang_tca.budgets import Budgets  # noqa: E402
+from sglang_tca.hf_attention import TCA, Dense, attention_policy  # noqa: E402
+
+BUDGETS = ROOT / "bench" / "results" / "eval_budgets"
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+
+
+@dataclass
+class Variant(TCA):
+    obs: int = 0
+    pool: int = 7
+    joint: bool = False
+    dense_tail: int = 0
+    dense_prefill: bool = False
+    global_: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.scores, self.totals = {}, {}
+
+    def mask(self, layer, q, k, pos, scale):
+        if int(pos[0]) != 0:                                      # decode: as TCA (keeps self.observed)
+            if self.global_ and self.scores:
+                self._global_observed()
+            return super().mask(layer, q, k, pos, scale)
+        keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params, layer)
+        L, b = k.shape[1], self.params.block
+        rows = torch.arange(L, device=k.device)
+        mask = visible(keep, rows, L, self.params)
+        ds = int(dense_start(L, b, self.params.window))
+        if self.obs and ds > b:
+            a = observe_scores(q[:, L - self.obs:], k, self.params, scale, self.pool)
+            counts = keep[:, b:ds].sum(-1)
+            if self.joint:                                        # one top-k over the layer's heads, same total
+                flat = keep_from_counts(a.flatten()[None], counts.sum()[None])[0]
+                obs = flat.view_as(a)
+            else:
+                obs = keep_from_counts(a, counts)
+            self.observed[layer] = obs
+            if self.global_:
+                self.scores[layer], self.totals[layer] = a, counts.sum()
+            tail = rows[L - self.obs:]
+            mask[:, tail] = visible(with_observed(keep, obs, b), tail, L, self.params)
+        causal = rows[None, :] <= rows[:, None]
+        if self.dense_prefill:
+            mask[:] = causal
+        elif self.dense_tail:
+            mask[:, L - self.dense_tail:] = causal[L - self.dense_tail:]
+        return mask
+
+
+    def _global_observed(self):
+        """Decode after the prompt: the observed tokens re-chosen by one top-k over every layer and KV head (the
+        same total), from the scores the prompt's layers kept."""
+        layers = sorted(self.scores)
+        flat = torch.cat([self.scores[i].flatten() for i in layers])
+        total = sum(self.totals[i] for i in layers)
+        keep = keep_from_counts(flat[None], total[None])[0]
+        for i, part in zip(layers, keep.split([self.scores[i].numel() for i in layers])):
+            self.observed[i] = part.view_as(self.scores[i])
+        self.scores.clear()
+
+
+def variants() -> list[tuple[str, object]]:
+    def b(eps):
+        return Budgets.load(BUDGETS / f"tca_w1024_eps{eps}.json")
+
+    e1, e07, e05 = b(0.1), b(0.07), b(0.05)
+    w512 = Budgets.load(BUDGETS / "tca_w512_eps0.1.json")
+    return [
+        ("dense", Dense()),
+        ("tca eps0.1", Variant(e1)),
+        ("tca eps0.1 obs32", Variant(e1, obs=32)),
+        ("tca eps0.1 dense_prefill", Variant(e1, dense_prefill=True)),
+        ("tca eps0.1 obs32 dense_prefill", Variant(e1, obs=32, dense_prefill=True)),
+        ("tca eps0.1 obs32 dense_tail32", Variant(e1, obs=32, dense_tail=32)),
+        ("tca eps0.1 obs32 joint", Variant(e1, obs=32, joint=True)),
+        ("tca eps0.1 obs128", Variant(e1, obs=128)),
+        ("tca eps0.1 obs32 pool1", Variant(e1, obs=32, pool=1)),
+        ("tca eps0.1 obs32 pool15", Variant(e1, obs=32, pool=15)),
+        ("tca eps0.05 obs32", Variant(e05, obs=32)),
+        ("tca eps0.07 obs32 joint dense_tail32", Variant(e07, obs=32, joint=True, dense_tail=32)),
+        ("tca eps0.1 obs128 joint dense_tail128", Variant(e1, obs=128, joint=True, dense_tail=128)),
+        ("tca eps0.1 obs16", Variant(e1, obs=16)),
+        ("tca eps0.1 obs8", Variant(e1, obs=8)),
+        ("tca eps0.1 obs32 global", Variant(e1, obs=32, global_=True)),
+        ("tca eps0.07 obs32", Variant(e07, obs=32)),
+        ("tca eps0.07 obs32 global", Variant(e07, obs=32, global_=True)),
+        ("tca w512 eps0.1 obs32", Variant(w512, obs=32)),
+        ("tca eps0.07 obs32 dense_prefill", Variant(e07, obs=32, dense_prefill=True)),
+    ]
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt, target, policy):
+    """Argmax of the policy at every target position (prompt forward, then the target as one cached chunk)."""
+    with attention_policy(policy):
+        out = model(input_ids=prompt, use_cache=True)
+        nxt = out.logits[0, -1:].argmax(-1)
+        if target.shape[0] > 1:
+            out2 = model(input_ids=target[None, :-1], past_key_values=out.past_key_values, use_cache=True)
+            nxt = torch.cat([nxt, out2.logits[0].argmax(-1)])
+    return nxt
+
+
+def run(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench import ruler
+    from bench.eval_suite import load_items
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="tca").to(dev).eval()
+    items = [it for it in load_items(args.prompts) if it["kind"] == "ruler" and it["length"] == args.length
+             and it["task"] in args.tasks and args.first <= it["index"] < args.first + args.n]
+    out = Path(args.out) / "ablation.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pols = [(n, v) for n, v in variants() if args.only is None or n in args.only]
+    if args.only and len(pols) != len(set(args.only)):
+        raise SystemExit(f"error: unknown variant in --only; known: {[n for n, _ in variants()]}")
+    t0 = time.time()
+    with out.open("w") as f:
+        for i, it in enumerate(items):
+            if time.time() - t0 > args.deadline:
+                print(f"[ablation] past --deadline after {i} samples", flush=True)
+                break
+            ids = torch.tensor([tok(it["text"]).input_ids], device=dev)
+            with attention_policy(Dense()), torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=min(it["max_new_tokens"], args.max_new), do_sample=False)
+            target = gen[0, ids.shape[1]:]
+            eos = (target == tok.eos_token_id).nonzero()
+            target = target[: int(eos[0]) if len(eos) else len(target)]
+            if len(target) == 0:
+                continue
+            text = tok.decode(target, skip_special_tokens=True)
+            row = {"task": it["task"], "index": it["index"], "n_tokens": ids.shape[1], "dense_output": text,
+                   "dense_score": ruler.score(text, it), "kept": {}, "agree": {}, "prefix_score": {}}
+            for name, pol in pols:
+                am = teacher_forced(model, ids, target, pol)
+                row["agree"][name] = float((am == target).float().mean())
+                miss = (am != target).nonzero()
+                upto = int(miss[0]) if len(miss) else len(target)    # greedy under the variant follows dense this far
+                row["prefix_score"][name] = ruler.score(tok.decode(target[:upto], skip_special_tokens=True), it)
+                row["kept"][name] = pol.kept_fraction(ids.shape[1]) if isinstance(pol, TCA) else 1.0
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(f"[ablation] {i + 1}/{len(items)} {it['task']} #{it['index']} dense {row['dense_score']:.0f} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    report(out, Path(args.out) / "ablation.md", args)
+
+
+def report(path: Path, out_md: Path, args) -> None:
+    """Per variant: KV kept; retained = share of dense-correct samples whose answers the variant reproduces (its
+    greedy output agrees with dense's up to them); the RULER score of the part of dense's output the variant
+    reproduces, a lower bound of its own score; token agreement under teacher forcing."""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    for r in rows:      # runs before prefix_score was recorded: only a whole-output match counts (stricter)
+        r.setdefault("prefix_score", {n: r["dense_score"] * (a == 1.0) for n, a in r["agree"].items()})
+    names = list(rows[0]["agree"])
+    correct = [r for r in rows if r["dense_score"] > 0]
+
+    def kept_answers(r, n):
+        return r["prefix_score"][n] >= r["dense_score"]
+
+    lines = [f"| variant | KV kept | retained (of {len(correct)} dense-correct) | score lower bound "
+             f"(dense {sum(r['dense_score'] for r in rows) / len(rows):.1f}, n={len(rows)}) | token agreement |",
+             "|---|---|---|---|---|"]
+    for n in names:
+        kept = sum(r["kept"][n] for r in rows) / len(rows)
+        ret = sum(kept_answers(r, n) for r in correct) / max(1, len(correct))
+        lb = sum(r["prefix_score"][n] for r in rows) / len(rows)
+        tok_agree = sum(r["agree"][n] for r in rows) / len(rows)
+        lines.append(f"| {n} | {kept:.3f} | {ret:.2f} | {lb:.1f} | {tok_agree:.3f} |")
+    tasks = sorted({r["task"] for r in rows}, key=TASKS.index)
+    lines += ["", "retained per task:", "",
+              "| variant | " + " | ".join(f"{t} (n={sum(r['task'] == t for r in correct)})" for t in tasks) + " |",
+              "|---|" + "---|" * len(tasks)]
+    for n in names:
+        cells = []
+        for t in tasks:
+            c = [r for r in correct if r["task"] == t]
+            cells.append(f"{sum(kept_answers(r, n) for r in c) / max(1, len(c)):.2f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text)
+    print(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded SmolLM2)")
+    ap.add_argument("--out", default="/tmp/out")
+    ap.add_argument("--prompts", default=str(ROOT / ".eval" / "prompts.jsonl.xz"))
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--n", type=int, default=8, help="samples per task, indices --first .. --first + n - 1")
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--max-new", type=int, default=40)
+    ap.add_argument("--deadline", type=float, default=480)
+    ap.add_argument("--only", nargs="+", help="variant names to run (default: all, in the order of `variants`)")
+    ap.add_argument("--report", type=Path, default=None, help="only write the table of an earlier run's jsonl")
+    args = ap.parse_args(argv)
+    if args.report:
+        report(args.report, Path(args.out) / "ablation.md", args)
+        return 0
+    if args.model is None:
+        from sglang_tca.embedded_model import embedded_model_dir
+        args.model = str(embedded_model_dir())
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
