@@ -12,10 +12,11 @@ SmolLM2-135M-Instruct, against dense and baseline policies at the same KV budget
                  (the runs of bench/results/eval_smollm2.md are in bench/results/eval_runs_smollm2/, xz-compressed)
                  scores with 95% confidence intervals, fidelity to dense, multi-turn, TTFT -> eval_smollm2.md, PNGs
 
-Policies (`plan`): dense (SGLang's triton backend); TCA with the eps sweep of bench/eval_budgets.py; at the main eps
-(the largest KV budget whose expected kept share at 8K is <= 0.35): uniform budgets of the same mean, random tokens
-at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps the same share at 8K; w 512;
-and the question-aware end of prompt (--tca-observe 32) for TCA over the sweep and for uniform budgets.
+Policies (`plan`): dense (SGLang's triton backend); TCA with the eps sweep of bench/eval_budgets.py, with and without
+the question-aware end of prompt (--tca-observe 32); at the two largest KV budgets whose expected kept share at 8K is
+<= 0.35: uniform budgets of the same mean (with and without observe), random tokens at TCA's per-block counts, and
+StreamingLLM (sink + window) with the window that keeps the same share at 8K; StreamingLLM at eps 0.05's share; w 512.
+The report adds paired differences (same prompts) of each observe run against dense and its baselines.
 """
 from __future__ import annotations
 
