@@ -7,11 +7,11 @@ each at the budgets' own per-block counts, scored against dense on RULER prompts
 
 Per RULER sample (the first n of each task at --length): dense greedy output (up to --max-new tokens, the same
 masked fp32 attention path as every variant), then every variant teacher-forced on that output in two forward passes
-(prompt, then the output: the pruned decode's view). A variant *keeps* a sample when every output token is its
-argmax too, i.e. greedy decoding under the variant reproduces dense's answer. Reported: the share of dense-correct
-samples kept (retained), the RULER score if only kept samples score (a lower bound of the variant's own score),
-and the KV kept. It is a diagnosis tool, cheaper than a server run per idea; the numbers the issue asks for come
-from bench/eval_suite.py through SGLang.
+(prompt, then the output: the pruned decode's view). Greedy decoding under the variant follows dense's output up to
+its first disagreeing token; the RULER score of that agreed part is a lower bound of the variant's own score.
+Reported (`report`): the share of dense-correct samples whose answers the variant reproduces (retained), that lower
+bound, token agreement, and the KV kept. It is a diagnosis tool, cheaper than a server run per idea; the numbers the
+issue asks for come from bench/eval_suite.py through SGLang.
 
 Variants (all share the sparse prefill of TCA unless said):
   obs N          the prompt's last N queries re-choose the compressed tokens (--tca-observe N)
@@ -34,19 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sglang_tca.algorithm import (dense_start, keep_from_counts, observe_scores, select, visible,  # noqa: E402
-                                  with_observed)
+from bench.eval_suite import BUDGETS_DIR, load_items  # noqa: E402
+from sglang_tca.algorithm import OBSERVE_POOL, keep_from_counts, prompt_mask, select  # noqa: E402
 from sglang_tca.budgets import Budgets  # noqa: E402
 from sglang_tca.hf_attention import TCA, Dense, attention_policy  # noqa: E402
 
-BUDGETS = ROOT / "bench" / "results" / "eval_budgets"
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
 
 
 @dataclass
 class Variant(TCA):
-    obs: int = 0
-    pool: int = 7
+    pool: int = OBSERVE_POOL
     joint: bool = False
     dense_tail: int = 0
     dense_prefill: bool = False
@@ -54,7 +52,7 @@ class Variant(TCA):
 
     def __post_init__(self):
         super().__post_init__()
-        self.scores, self.totals = {}, {}
+        self.scores = {}                                          # layer -> observation scores (global_)
 
     def mask(self, layer, q, k, pos, scale):
         if int(pos[0]) != 0:                                      # decode: as TCA (keeps self.observed)
@@ -62,23 +60,10 @@ class Variant(TCA):
                 self._global_observed()
             return super().mask(layer, q, k, pos, scale)
         keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params, layer)
-        L, b = k.shape[1], self.params.block
+        mask, self.observed[layer] = prompt_mask(q, k, keep, self.params, scale, pool=self.pool,
+                                                 choose=lambda a, counts: self._choose(layer, a, counts))
+        L = k.shape[1]
         rows = torch.arange(L, device=k.device)
-        mask = visible(keep, rows, L, self.params)
-        ds = int(dense_start(L, b, self.params.window))
-        if self.obs and ds > b:
-            a = observe_scores(q[:, L - self.obs:], k, self.params, scale, self.pool)
-            counts = keep[:, b:ds].sum(-1)
-            if self.joint:                                        # one top-k over the layer's heads, same total
-                flat = keep_from_counts(a.flatten()[None], counts.sum()[None])[0]
-                obs = flat.view_as(a)
-            else:
-                obs = keep_from_counts(a, counts)
-            self.observed[layer] = obs
-            if self.global_:
-                self.scores[layer], self.totals[layer] = a, counts.sum()
-            tail = rows[L - self.obs:]
-            mask[:, tail] = visible(with_observed(keep, obs, b), tail, L, self.params)
         causal = rows[None, :] <= rows[:, None]
         if self.dense_prefill:
             mask[:] = causal
@@ -86,13 +71,21 @@ class Variant(TCA):
             mask[:, L - self.dense_tail:] = causal[L - self.dense_tail:]
         return mask
 
+    def _choose(self, layer, a, counts):
+        """The observed tokens from the scores a [Hkv, ds - b]: per head (counts [Hkv]) or, joint, one top-k over
+        the layer's heads with the same total; global_ also keeps the scores for the decode's re-choice."""
+        if self.global_:
+            self.scores[layer] = a
+        if self.joint:
+            return keep_from_counts(a.flatten()[None], counts.sum()[None])[0].view_as(a)
+        return keep_from_counts(a, counts)
 
     def _global_observed(self):
         """Decode after the prompt: the observed tokens re-chosen by one top-k over every layer and KV head (the
         same total), from the scores the prompt's layers kept."""
         layers = sorted(self.scores)
         flat = torch.cat([self.scores[i].flatten() for i in layers])
-        total = sum(self.totals[i] for i in layers)
+        total = sum(self.observed[i].sum() for i in layers)
         keep = keep_from_counts(flat[None], total[None])[0]
         for i, part in zip(layers, keep.split([self.scores[i].numel() for i in layers])):
             self.observed[i] = part.view_as(self.scores[i])
@@ -101,31 +94,31 @@ class Variant(TCA):
 
 def variants() -> list[tuple[str, object]]:
     def b(eps):
-        return Budgets.load(BUDGETS / f"tca_w1024_eps{eps}.json")
+        return Budgets.load(BUDGETS_DIR / f"tca_w1024_eps{eps}.json")
 
     e1, e07, e05 = b(0.1), b(0.07), b(0.05)
-    w512 = Budgets.load(BUDGETS / "tca_w512_eps0.1.json")
+    w512 = Budgets.load(BUDGETS_DIR / "tca_w512_eps0.1.json")
     return [
         ("dense", Dense()),
         ("tca eps0.1", Variant(e1)),
-        ("tca eps0.1 obs32", Variant(e1, obs=32)),
+        ("tca eps0.1 obs32", Variant(e1, observe=32)),
         ("tca eps0.1 dense_prefill", Variant(e1, dense_prefill=True)),
-        ("tca eps0.1 obs32 dense_prefill", Variant(e1, obs=32, dense_prefill=True)),
-        ("tca eps0.1 obs32 dense_tail32", Variant(e1, obs=32, dense_tail=32)),
-        ("tca eps0.1 obs32 joint", Variant(e1, obs=32, joint=True)),
-        ("tca eps0.1 obs128", Variant(e1, obs=128)),
-        ("tca eps0.1 obs32 pool1", Variant(e1, obs=32, pool=1)),
-        ("tca eps0.1 obs32 pool15", Variant(e1, obs=32, pool=15)),
-        ("tca eps0.05 obs32", Variant(e05, obs=32)),
-        ("tca eps0.07 obs32 joint dense_tail32", Variant(e07, obs=32, joint=True, dense_tail=32)),
-        ("tca eps0.1 obs128 joint dense_tail128", Variant(e1, obs=128, joint=True, dense_tail=128)),
-        ("tca eps0.1 obs16", Variant(e1, obs=16)),
-        ("tca eps0.1 obs8", Variant(e1, obs=8)),
-        ("tca eps0.1 obs32 global", Variant(e1, obs=32, global_=True)),
-        ("tca eps0.07 obs32", Variant(e07, obs=32)),
-        ("tca eps0.07 obs32 global", Variant(e07, obs=32, global_=True)),
-        ("tca w512 eps0.1 obs32", Variant(w512, obs=32)),
-        ("tca eps0.07 obs32 dense_prefill", Variant(e07, obs=32, dense_prefill=True)),
+        ("tca eps0.1 obs32 dense_prefill", Variant(e1, observe=32, dense_prefill=True)),
+        ("tca eps0.1 obs32 dense_tail32", Variant(e1, observe=32, dense_tail=32)),
+        ("tca eps0.1 obs32 joint", Variant(e1, observe=32, joint=True)),
+        ("tca eps0.1 obs128", Variant(e1, observe=128)),
+        ("tca eps0.1 obs32 pool1", Variant(e1, observe=32, pool=1)),
+        ("tca eps0.1 obs32 pool15", Variant(e1, observe=32, pool=15)),
+        ("tca eps0.05 obs32", Variant(e05, observe=32)),
+        ("tca eps0.07 obs32 joint dense_tail32", Variant(e07, observe=32, joint=True, dense_tail=32)),
+        ("tca eps0.1 obs128 joint dense_tail128", Variant(e1, observe=128, joint=True, dense_tail=128)),
+        ("tca eps0.1 obs16", Variant(e1, observe=16)),
+        ("tca eps0.1 obs8", Variant(e1, observe=8)),
+        ("tca eps0.1 obs32 global", Variant(e1, observe=32, global_=True)),
+        ("tca eps0.07 obs32", Variant(e07, observe=32)),
+        ("tca eps0.07 obs32 global", Variant(e07, observe=32, global_=True)),
+        ("tca w512 eps0.1 obs32", Variant(w512, observe=32)),
+        ("tca eps0.07 obs32 dense_prefill", Variant(e07, observe=32, dense_prefill=True)),
     ]
 
 
@@ -145,7 +138,6 @@ def run(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench import ruler
-    from bench.eval_suite import load_items
 
     tok = AutoTokenizer.from_pretrained(args.model)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,10 +177,10 @@ def run(args) -> None:
             f.flush()
             print(f"[ablation] {i + 1}/{len(items)} {it['task']} #{it['index']} dense {row['dense_score']:.0f} "
                   f"{time.time() - t0:.0f}s", flush=True)
-    report(out, Path(args.out) / "ablation.md", args)
+    report(out, Path(args.out) / "ablation.md")
 
 
-def report(path: Path, out_md: Path, args) -> None:
+def report(path: Path, out_md: Path) -> None:
     """Per variant: KV kept; retained = share of dense-correct samples whose answers the variant reproduces (its
     greedy output agrees with dense's up to them); the RULER score of the part of dense's output the variant
     reproduces, a lower bound of its own score; token agreement under teacher forcing."""
@@ -241,7 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", type=Path, default=None, help="only write the table of an earlier run's jsonl")
     args = ap.parse_args(argv)
     if args.report:
-        report(args.report, Path(args.out) / "ablation.md", args)
+        report(args.report, Path(args.out) / "ablation.md")
         return 0
     if args.model is None:
         from sglang_tca.embedded_model import embedded_model_dir

@@ -398,7 +398,7 @@ def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
         bases = [dense] + [n for n, t in summ.items() if n != name and (
             (t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"])
             or (t["spec"].get("eps") == sp["eps"] and n.split()[0] in ("uniform+obs%d" % sp["observe"], "tca")
-                and t["spec"].get("window") is None and "w=" not in n))]
+                and "w=" not in n))]
         out += [(name, b, paired(s, summ[b], length)) for b in bases if b is not None]
     return out
 

@@ -224,18 +224,20 @@ def masked_attention(q, k, v, mask, scale, chunk: int = 512):
 
 
 def prompt_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, p: TCAParams, scale: float,
-                q_start: int = 0):
+                q_start: int = 0, pool: int = OBSERVE_POOL, choose=keep_from_counts):
     """What the queries of positions [q_start, L) of a prompt of length L = k.shape[1] see, given its prefix-pure
     selection keep [Hkv, L] (`select`): (mask [Hkv, L - q_start, L], observed [Hkv, ds - b] or None). With
     p.observe = N > 0 the prompt's last N queries see `observe_keep`'s tokens in the compressed blocks (returned as
-    `observed`: the decode that follows sees them too), every other query the prefix-pure selection."""
+    `observed`: the decode that follows sees them too), every other query the prefix-pure selection. `pool` and
+    `choose(scores [Hkv, ds - b], counts [Hkv]) -> keep` vary the observed choice (bench/ablation_hf.py); the
+    defaults are `observe_keep`'s."""
     lk = k.shape[1]
     mask = visible(keep, torch.arange(q_start, lk, device=q.device), lk, p)
     n_obs = min(p.observe, lk)
     if n_obs == 0:
         return mask, None
     ds = int(dense_start(lk, p.block, p.window))
-    observed = observe_keep(q[:, lk - n_obs:], k, keep[:, p.block:ds].sum(-1), p, scale)
+    observed = choose(observe_scores(q[:, lk - n_obs:], k, p, scale, pool), keep[:, p.block:ds].sum(-1))
     tail = torch.arange(max(q_start, lk - n_obs), lk, device=q.device)
     mask[:, tail - q_start] = visible(with_observed(keep, observed, p.block), tail, lk, p)
     return mask, observed

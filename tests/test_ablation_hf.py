@@ -31,7 +31,7 @@ def prompt_logits(model, ids, policy):
 
 def test_dense_prefill_is_dense_and_sparse_prefill_is_not(tiny_llama, budgets, prompt):
     dense = prompt_logits(tiny_llama, prompt, Dense())
-    torch.testing.assert_close(prompt_logits(tiny_llama, prompt, Variant(budgets, obs=8, dense_prefill=True)), dense)
+    torch.testing.assert_close(prompt_logits(tiny_llama, prompt, Variant(budgets, observe=8, dense_prefill=True)), dense)
     assert not torch.allclose(prompt_logits(tiny_llama, prompt, Variant(budgets)), dense, atol=1e-4)
 
 
@@ -39,8 +39,8 @@ def test_dense_tail_opens_only_the_last_rows(budgets):
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(4, L, 16, generator=g), torch.randn(2, L, 16, generator=g)
     pos = torch.arange(L)
-    sparse = Variant(budgets, obs=8).mask(0, q, k, pos, 0.25)
-    tail = Variant(budgets, obs=8, dense_tail=4).mask(0, q, k, pos, 0.25)
+    sparse = Variant(budgets, observe=8).mask(0, q, k, pos, 0.25)
+    tail = Variant(budgets, observe=8, dense_tail=4).mask(0, q, k, pos, 0.25)
     causal = pos[None, :] <= pos[:, None]
     assert torch.equal(tail[:, :-4], sparse[:, :-4]) and not torch.equal(sparse[:, -4:], tail[:, -4:])
     assert torch.equal(tail[:, -4:], causal[-4:].expand(2, -1, -1))
@@ -51,7 +51,7 @@ def test_observed_counts_per_head_joint_and_global(tiny_llama, budgets, prompt):
     its heads; global (decode) keeps the total over all layers."""
     b = budgets.block
     ds = int(dense_start(L, b, budgets.window))
-    per_head, joint, glob = Variant(budgets, obs=8), Variant(budgets, obs=8, joint=True), Variant(budgets, obs=8, global_=True)
+    per_head, joint, glob = Variant(budgets, observe=8), Variant(budgets, observe=8, joint=True), Variant(budgets, observe=8, global_=True)
     prefix = Variant(budgets)
     for v in (per_head, joint, prefix):
         prompt_logits(tiny_llama, prompt, v)
@@ -81,7 +81,7 @@ def test_report_counts_answers_reproduced(tmp_path):
              "agree": {"dense": 1.0, "v": 1.0}, "prefix_score": {"dense": 0.0, "v": 0.0}}]
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ablation_hf.report(path, tmp_path / "a.md", None)
+    ablation_hf.report(path, tmp_path / "a.md")
     md = (tmp_path / "a.md").read_text()
     assert "| v | 0.267 | 0.50 | 33.3 | 0.500 |" in md
     assert "| v | 0.50 | 0.00 |" in md
