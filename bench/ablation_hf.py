@@ -3,9 +3,9 @@ each at the budgets' own per-block counts, scored against dense on RULER prompts
 
     (GPU) source .gpu/env.sh && SKIP_GPU_TESTS=1 bash bench/gpu_smollm2.sh bench/ablation_hf.py [--n 12]
           (carry .gpu, .data, .eval; the prompts are bench/eval_suite.py's)
-    (CPU) .venv/bin/python bench/ablation_hf.py --report DIR/ablation.jsonl [--out bench/results/ablation_smollm2.md]
+    (CPU) .venv/bin/python bench/ablation_hf.py --report RUN.jsonl [RUN2.jsonl ...] [--out DIR]   (DIR/ablation.md)
 
-Per RULER sample (the first n of each task at --length): dense greedy output (up to --max-new tokens, the same
+Per RULER sample (--first .. --first + n - 1 of each task at --length): dense greedy output (up to --max-new tokens, the same
 masked fp32 attention path as every variant), then every variant teacher-forced on that output in two forward passes
 (prompt, then the output: the pruned decode's view). Greedy decoding under the variant follows dense's output up to
 its first disagreeing token; the RULER score of that agreed part is a lower bound of the variant's own score.
@@ -17,13 +17,20 @@ Variants (all share the sparse prefill of TCA unless said):
   obs N          the prompt's last N queries re-choose the compressed tokens (--tca-observe N)
   pool P         observation scores max-pooled over P positions (default 7)
   joint          observed tokens chosen jointly over a layer's KV heads (same total) instead of per head
+  global         the decode's observed tokens chosen by one top-k over every layer and KV head (same total)
   dense_tail M   the prompt's last M queries attend to everything in prefill (the question dense)
   dense_prefill  the whole prompt dense; only the decode reads the pruned cache (SnapKV-style bound)
+  oracle         the observed tokens chosen by the attention of dense's own answer (the queries that produce its
+                 output, from a dense pass over prompt + output) instead of the prompt's last N queries: the best
+                 choice any attention-score selection could make at these counts (with dense_prefill and global:
+                 at this total, spread freely over layers and heads)
+  lookahead K    oracle from the answer's first K queries only (K - 1 tokens decoded with the whole cache first)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_suite import BUDGETS_DIR, load_items  # noqa: E402
-from sglang_tca.algorithm import OBSERVE_POOL, keep_from_counts, prompt_mask, select  # noqa: E402
+from sglang_tca.algorithm import OBSERVE_POOL, dense_start, keep_from_counts, observe_scores, prompt_mask, select  # noqa: E402
 from sglang_tca.budgets import Budgets  # noqa: E402
 from sglang_tca.hf_attention import TCA, Dense, attention_policy  # noqa: E402
 
@@ -49,10 +56,13 @@ class Variant(TCA):
     dense_tail: int = 0
     dense_prefill: bool = False
     global_: bool = False
+    oracle: bool = False
+    lookahead: int = 0                                            # oracle from the answer's first N queries only
 
     def __post_init__(self):
         super().__post_init__()
         self.scores = {}                                          # layer -> observation scores (global_)
+        self.answer_scores = {}                                   # layer -> the answer's scores (oracle; per sample)
 
     def mask(self, layer, q, k, pos, scale):
         if int(pos[0]) != 0:                                      # decode: as TCA (keeps self.observed)
@@ -73,7 +83,10 @@ class Variant(TCA):
 
     def _choose(self, layer, a, counts):
         """The observed tokens from the scores a [Hkv, ds - b]: per head (counts [Hkv]) or, joint, one top-k over
-        the layer's heads with the same total; global_ also keeps the scores for the decode's re-choice."""
+        the layer's heads with the same total; global_ also keeps the scores for the decode's re-choice; oracle
+        ranks by the answer's scores instead."""
+        if self.oracle:
+            a = self.answer_scores[layer]
         if self.global_:
             self.scores[layer] = a
         if self.joint:
@@ -96,7 +109,7 @@ def variants() -> list[tuple[str, object]]:
     def b(eps):
         return Budgets.load(BUDGETS_DIR / f"tca_w1024_eps{eps}.json")
 
-    e1, e07, e05 = b(0.1), b(0.07), b(0.05)
+    e1, e07, e05, e02 = b(0.1), b(0.07), b(0.05), b(0.02)
     w512 = Budgets.load(BUDGETS_DIR / "tca_w512_eps0.1.json")
     return [
         ("dense", Dense()),
@@ -119,7 +132,41 @@ def variants() -> list[tuple[str, object]]:
         ("tca eps0.07 obs32 global", Variant(e07, observe=32, global_=True)),
         ("tca w512 eps0.1 obs32", Variant(w512, observe=32)),
         ("tca eps0.07 obs32 dense_prefill", Variant(e07, observe=32, dense_prefill=True)),
+        ("tca eps0.07 oracle", Variant(e07, observe=32, oracle=True)),
+        ("tca eps0.07 oracle dense_prefill", Variant(e07, observe=32, oracle=True, dense_prefill=True)),
+        ("tca eps0.07 oracle global dense_prefill",
+         Variant(e07, observe=32, oracle=True, global_=True, dense_prefill=True)),
+        ("tca eps0.1 oracle dense_prefill", Variant(e1, observe=32, oracle=True, dense_prefill=True)),
+        ("tca eps0.05 oracle dense_prefill", Variant(e05, observe=32, oracle=True, dense_prefill=True)),
+        ("tca eps0.02 obs32 dense_prefill", Variant(e02, observe=32, dense_prefill=True)),
+        ("tca eps0.02 oracle dense_prefill", Variant(e02, observe=32, oracle=True, dense_prefill=True)),
+        ("tca eps0.07 oracle obs128", Variant(e07, observe=128, oracle=True)),
+        ("tca eps0.07 oracle dense_tail128", Variant(e07, observe=32, oracle=True, dense_tail=128)),
+        ("tca eps0.07 oracle dense_tail1024", Variant(e07, observe=32, oracle=True, dense_tail=1024)),
+        ("tca eps0.07 obs32 dense_tail128", Variant(e07, observe=32, dense_tail=128)),
+        ("tca eps0.07 lookahead4 dense_prefill", Variant(e07, observe=32, oracle=True, lookahead=4, dense_prefill=True)),
+        ("tca eps0.07 lookahead4", Variant(e07, observe=32, oracle=True, lookahead=4)),
+        ("tca eps0.07 lookahead1 dense_prefill", Variant(e07, observe=32, oracle=True, lookahead=1, dense_prefill=True)),
     ]
+
+
+@torch.no_grad()
+def answer_scores(model, prompt, target, params, first: int = 0) -> dict:
+    """layer -> [Hkv, ds - b] scores over the prompt's compressed positions (ds = dense_start of the prompt): the
+    attention of the queries that produce `target` (the prompt's last one and target[:-1]; with `first` > 0 only
+    the first `first` of them) in a dense pass, as `observe_scores` computes it for the prompt's last queries."""
+    n = prompt.shape[1]
+    ds = int(dense_start(n, params.block, params.window))
+    end = n + len(target) - 1 if first <= 0 else min(n - 1 + first, n + len(target) - 1)
+    out = {}
+
+    def grab(layer, q, k):
+        a = observe_scores(q[:, n - 1:end], k[:, :end], params, q.shape[-1] ** -0.5)   # over [b, dense_start(end))
+        out[layer] = a[:, : ds - params.block]
+
+    with attention_policy(Dense(), on_layer=grab):
+        model(input_ids=torch.cat([prompt, target[None, :-1]], 1), use_cache=False)
+    return out
 
 
 @torch.no_grad()
@@ -166,6 +213,13 @@ def run(args) -> None:
             text = tok.decode(target, skip_special_tokens=True)
             row = {"task": it["task"], "index": it["index"], "n_tokens": ids.shape[1], "dense_output": text,
                    "dense_score": ruler.score(text, it), "kept": {}, "agree": {}, "prefix_score": {}}
+            scores = {}                                           # (block, window) -> the answer's scores
+            for _, v in pols:
+                if getattr(v, "oracle", False):
+                    key = (v.params.block, v.params.window, v.lookahead)
+                    if key not in scores:
+                        scores[key] = answer_scores(model, ids, target, v.params, v.lookahead)
+                    v.answer_scores = scores[key]
             for name, pol in pols:
                 am = teacher_forced(model, ids, target, pol)
                 row["agree"][name] = float((am == target).float().mean())
@@ -177,31 +231,46 @@ def run(args) -> None:
             f.flush()
             print(f"[ablation] {i + 1}/{len(items)} {it['task']} #{it['index']} dense {row['dense_score']:.0f} "
                   f"{time.time() - t0:.0f}s", flush=True)
-    report(out, Path(args.out) / "ablation.md")
+    report([out], Path(args.out) / "ablation.md")
 
 
-def report(path: Path, out_md: Path) -> None:
-    """Per variant: KV kept; retained = share of dense-correct samples whose answers the variant reproduces (its
-    greedy output agrees with dense's up to them); the RULER score of the part of dense's output the variant
-    reproduces, a lower bound of its own score; token agreement under teacher forcing."""
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (sound at small n and near 0 or 1, unlike the normal one)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
+def report(paths: list[Path], out_md: Path) -> None:
+    """Per variant (those run on every sample of `paths`, pooled; a sample may appear once): KV kept; retained =
+    share of dense-correct samples whose answers the variant reproduces (its greedy output agrees with dense's up to
+    them), with its 95% Wilson interval; the RULER score of the part of dense's output the variant reproduces, a
+    lower bound of its own score; token agreement under teacher forcing."""
+    rows = [json.loads(x) for path in paths for x in path.read_text().splitlines() if x.strip()]
+    ids = [(r["task"], r["index"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"error: a sample appears twice in {[str(p) for p in paths]}; pool disjoint runs only")
     for r in rows:      # runs before prefix_score was recorded: only a whole-output match counts (stricter)
         r.setdefault("prefix_score", {n: r["dense_score"] * (a == 1.0) for n, a in r["agree"].items()})
-    names = list(rows[0]["agree"])
+    names = [n for n in rows[0]["agree"] if all(n in r["agree"] for r in rows)]
     correct = [r for r in rows if r["dense_score"] > 0]
 
     def kept_answers(r, n):
         return r["prefix_score"][n] >= r["dense_score"]
 
-    lines = [f"| variant | KV kept | retained (of {len(correct)} dense-correct) | score lower bound "
+    lines = [f"| variant | KV kept | retained (of {len(correct)} dense-correct) [95% CI] | score lower bound "
              f"(dense {sum(r['dense_score'] for r in rows) / len(rows):.1f}, n={len(rows)}) | token agreement |",
              "|---|---|---|---|---|"]
     for n in names:
         kept = sum(r["kept"][n] for r in rows) / len(rows)
-        ret = sum(kept_answers(r, n) for r in correct) / max(1, len(correct))
+        k = sum(kept_answers(r, n) for r in correct)
+        lo, hi = wilson(k, len(correct))
         lb = sum(r["prefix_score"][n] for r in rows) / len(rows)
         tok_agree = sum(r["agree"][n] for r in rows) / len(rows)
-        lines.append(f"| {n} | {kept:.3f} | {ret:.2f} | {lb:.1f} | {tok_agree:.3f} |")
+        lines.append(f"| {n} | {kept:.3f} | {k / max(1, len(correct)):.2f} [{lo:.2f}, {hi:.2f}] | {lb:.1f} | "
+                     f"{tok_agree:.3f} |")
     tasks = sorted({r["task"] for r in rows}, key=TASKS.index)
     lines += ["", "retained per task:", "",
               "| variant | " + " | ".join(f"{t} (n={sum(r['task'] == t for r in correct)})" for t in tasks) + " |",
@@ -230,7 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new", type=int, default=40)
     ap.add_argument("--deadline", type=float, default=480)
     ap.add_argument("--only", nargs="+", help="variant names to run (default: all, in the order of `variants`)")
-    ap.add_argument("--report", type=Path, default=None, help="only write the table of an earlier run's jsonl")
+    ap.add_argument("--report", type=Path, nargs="+", default=None,
+                    help="only write the table of earlier runs' jsonl files (disjoint samples, pooled)")
     args = ap.parse_args(argv)
     if args.report:
         report(args.report, Path(args.out) / "ablation.md")

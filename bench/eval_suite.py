@@ -388,17 +388,22 @@ def paired(a: dict, b: dict, length: int) -> tuple[float, float, int]:
 
 def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
     """(run, baseline, difference) for each TCA run with observe against dense and against the baselines that
-    share its eps (uniform with observe, TCA without) or its KV share (StreamingLLM from the same budgets file)."""
+    share its eps (uniform with observe, TCA without) or its KV share (StreamingLLM from the same budgets file), and
+    for each TCA run without observe against uniform and random at its eps (the calibration ablation)."""
     out = []
     dense = next((n for n, s in summ.items() if s["spec"]["backend"] == "triton"), None)
     for name, s in summ.items():
-        sp = s["spec"]
-        if not name.startswith("tca+obs"):
+        sp, kind = s["spec"], name.split()[0]
+        if not kind.startswith("tca") or "w=" in name:
             continue
-        bases = [dense] + [n for n, t in summ.items() if n != name and (
-            (t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"])
-            or (t["spec"].get("eps") == sp["eps"] and n.split()[0] in ("uniform+obs%d" % sp["observe"], "tca")
-                and "w=" not in n))]
+        if kind == "tca":
+            peers, bases = ("uniform", "random"), []
+        else:
+            peers = ("uniform+obs%d" % sp["observe"], "tca")
+            bases = [dense] + [n for n, t in summ.items()
+                               if t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"]]
+        bases += [n for n, t in summ.items() if n != name and sp.get("eps") is not None
+                  and t["spec"].get("eps") == sp["eps"] and n.split()[0] in peers and "w=" not in n]
         out += [(name, b, paired(s, summ[b], length)) for b in bases if b is not None]
     return out
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench import ablation_hf
-from bench.ablation_hf import Variant, teacher_forced
+from bench.ablation_hf import Variant, answer_scores, teacher_forced
 from calibration.calibrate import calibrate
 from sglang_tca.algorithm import dense_start
 from sglang_tca.hf_attention import Dense, attention_policy
@@ -65,6 +65,26 @@ def test_observed_counts_per_head_joint_and_global(tiny_llama, budgets, prompt):
     assert not glob.scores                                                       # consumed by the first decode step
 
 
+def test_oracle_ranks_by_the_answers_queries(tiny_llama, budgets, prompt):
+    """With a one-token answer the oracle's queries are the prompt's last one, so on a dense prefill it chooses what
+    observe 1 chooses; a longer answer's queries choose differently (same counts)."""
+    def observed(v, target):
+        if v.oracle:
+            v.answer_scores = answer_scores(tiny_llama, prompt, target, v.params)
+        prompt_logits(tiny_llama, prompt, v)
+        return v.observed
+
+    ds = int(dense_start(L, budgets.block, budgets.window))
+    obs1 = observed(Variant(budgets, observe=1, dense_prefill=True), None)
+    one = observed(Variant(budgets, observe=1, oracle=True, dense_prefill=True), torch.tensor([5]))
+    five = observed(Variant(budgets, observe=1, oracle=True, dense_prefill=True), torch.tensor([5, 9, 17, 3, 40]))
+    for layer in range(2):
+        assert one[layer].shape == (2, ds - budgets.block)
+        assert torch.equal(one[layer], obs1[layer])
+        assert torch.equal(five[layer].sum(-1), obs1[layer].sum(-1))
+    assert any(not torch.equal(five[i], obs1[i]) for i in range(2))
+
+
 def test_teacher_forced_dense_reproduces_greedy(tiny_llama, prompt):
     with attention_policy(Dense()), torch.no_grad():
         gen = tiny_llama.generate(prompt, max_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(prompt))
@@ -81,7 +101,21 @@ def test_report_counts_answers_reproduced(tmp_path):
              "agree": {"dense": 1.0, "v": 1.0}, "prefix_score": {"dense": 0.0, "v": 0.0}}]
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ablation_hf.report(path, tmp_path / "a.md")
+    ablation_hf.report([path], tmp_path / "a.md")
     md = (tmp_path / "a.md").read_text()
-    assert "| v | 0.267 | 0.50 | 33.3 | 0.500 |" in md
+    assert "| v | 0.267 | 0.50 [0.09, 0.91] | 33.3 | 0.500 |" in md
     assert "| v | 0.50 | 0.00 |" in md
+    more = tmp_path / "b.jsonl"                        # pooled with a disjoint run that lacks variant v
+    more.write_text(json.dumps({**rows[0], "index": 7, "kept": {"dense": 1.0}, "agree": {"dense": 1.0},
+                                "prefix_score": {"dense": 100.0}}) + "\n")
+    ablation_hf.report([path, more], tmp_path / "c.md")
+    md = (tmp_path / "c.md").read_text()
+    assert "retained (of 3 dense-correct)" in md and "| v |" not in md and "| dense | 1.000 | 1.00 [0.44, 1.00]" in md
+    with pytest.raises(SystemExit, match="twice"):
+        ablation_hf.report([path, path], tmp_path / "d.md")
+
+
+def test_wilson_interval():
+    assert ablation_hf.wilson(0, 10)[0] == pytest.approx(0, abs=1e-12) and ablation_hf.wilson(10, 10)[1] == pytest.approx(1)
+    lo, hi = ablation_hf.wilson(26, 29)
+    assert lo == pytest.approx(0.7357, abs=1e-3) and hi == pytest.approx(0.9642, abs=1e-3)

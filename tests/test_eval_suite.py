@@ -53,7 +53,8 @@ def test_report_scores_kept_fidelity_and_plot(samples, tmp_path):
 
 def test_paired_differences_match_runs_to_their_baselines(samples):
     """Each observe run is compared, prompt by prompt, with dense, with TCA and uniform+observe at its eps, and
-    with the StreamingLLM run made from its budgets file; runs at another eps are not its baselines."""
+    with the StreamingLLM run made from its budgets file; TCA without observe with uniform and random at its eps;
+    runs at another eps are not baselines."""
     half = [s["index"] < 2 for s in samples]                         # right on 4 of the 6 prompts
     run = fake_run("tca+obs32 eps=0.1", "tca", samples, True, 0.3, budgets="b0.1", eps=0.1, observe=32)
     run["phases"]["ruler"] = [r if h else {**r, "output": "no idea"} for r, h in zip(run["phases"]["ruler"], half)]
@@ -62,10 +63,14 @@ def test_paired_differences_match_runs_to_their_baselines(samples):
             fake_run("uniform+obs32 eps=0.1", "tca", samples, False, 0.3, budgets="u0.1", eps=0.1, observe=32),
             fake_run("streaming w=1984", "tca", samples, False, 0.3, budgets="b0.1", policy="streaming", window=1984),
             fake_run("streaming w=3200", "tca", samples, False, 0.4, budgets="b0.05", policy="streaming", window=3200),
-            fake_run("tca eps=0.05", "tca", samples, False, 0.4, budgets="b0.05", eps=0.05)]
+            fake_run("tca eps=0.05", "tca", samples, False, 0.4, budgets="b0.05", eps=0.05),
+            fake_run("uniform eps=0.1", "tca", samples, False, 0.3, budgets="u0.1", eps=0.1),
+            fake_run("random eps=0.1", "tca", samples, True, 0.3, budgets="b0.1", eps=0.1, policy="random")]
     rows = {(a, b): d for a, b, d in eval_suite.paired_rows(eval_suite.summarize(runs), length=2048)}
     assert set(rows) == {("tca+obs32 eps=0.1", b) for b in ("dense", "tca eps=0.1", "uniform+obs32 eps=0.1",
-                                                            "streaming w=1984")}
+                                                            "streaming w=1984")} | {
+        ("tca eps=0.1", "uniform eps=0.1"), ("tca eps=0.1", "random eps=0.1")}
+    assert rows[("tca eps=0.1", "random eps=0.1")][0] == pytest.approx(-100)
     d = rows[("tca+obs32 eps=0.1", "dense")]
     assert d[0] == pytest.approx(-100 / 3) and d[2] == 6 and d[1] > 0
     assert rows[("tca+obs32 eps=0.1", "streaming w=1984")][0] == pytest.approx(200 / 3)
