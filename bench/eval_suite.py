@@ -434,7 +434,7 @@ def report(args) -> None:
     summ = summarize(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_smollm2.md").write_text(markdown(results[0], summ))
+    (out / "eval_smollm2.md").write_text(markdown(results, summ))
     plots(summ, out)
     print((out / "eval_smollm2.md").read_text())
 
@@ -443,12 +443,15 @@ def _f(x, digits=1):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def markdown(meta: dict, summ: dict) -> str:
+def markdown(results: list[dict], summ: dict) -> str:
     from bench import ruler
 
+    def values(key):                                   # the runs' distinct values of a meta field
+        return ", ".join(sorted({str(r.get(key)) for r in results}))
+
     lines = [f"# Quality through SGLang: TCA vs dense and baselines, SmolLM2-135M-Instruct (embedded)\n",
-             f"- date: {meta.get('date')}; device: {meta.get('device')}; sglang {meta.get('sglang')}, "
-             f"torch {meta.get('torch')}",
+             f"- date: {values('date')} (each run's own in its raw file); device: {values('device')}; sglang "
+             f"{values('sglang')}, torch {values('torch')}",
              "- commands: `python bench/eval_budgets.py` (CPU), `python bench/eval_suite.py prepare` (CPU), "
              "`SKIP_GPU_TESTS=1 bash bench/gpu_smollm2.sh bench/eval_suite.py run` (GPU), "
              "`python bench/eval_suite.py report --runs DIR` (CPU)",

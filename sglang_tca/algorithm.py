@@ -157,11 +157,11 @@ OBSERVE_POOL = 7     # max-pooling width of the observation scores: a kept token
 
 
 def observe_scores(q_obs: torch.Tensor, k: torch.Tensor, p: TCAParams, scale: float, pool: int = OBSERVE_POOL,
-                   chunk: int = 8192) -> torch.Tensor:
+                   chunk: int = 16384) -> torch.Tensor:
     """a [Hkv, ds - b] over the compressed positions [b, ds), ds = dense_start(n), of a prompt of length n =
     k.shape[1]: the attention of its last N queries q_obs [Hq, N, D] (positions n-N..n-1), softmax over all causal
     keys, mean over the N queries, max over the group's query heads, max-pooled over `pool` neighbouring positions.
-    Keys are processed `chunk` at a time (a softmax normaliser pass, then the scores), so memory is
+    Longer prompts are processed `chunk` keys at a time (a softmax normaliser pass, then the scores), so memory is
     O(Hq * N * chunk), not O(Hq * N * n)."""
     hq, n_obs, d = q_obs.shape
     hkv, n, _ = k.shape
@@ -175,14 +175,18 @@ def observe_scores(q_obs: torch.Tensor, k: torch.Tensor, p: TCAParams, scale: fl
         s = torch.einsum("hgod,hnd->hgon", qf, k[:, t0:t1].float())
         return s.masked_fill(torch.arange(t0, t1, device=k.device)[None, :] > q_pos[:, None], float("-inf"))
 
-    lse = torch.stack([logits(t0, min(t0 + chunk, n)).logsumexp(-1) for t0 in range(0, n, chunk)]).logsumexp(0)
-    a = torch.cat([(logits(t0, min(t0 + chunk, ds)) - lse[..., None]).exp().mean(2).amax(1)
-                   for t0 in range(p.block, ds, chunk)], -1)                               # [Hkv, ds - b]
+    if n <= chunk:                                     # one pass: the logits once (launch-bound at these sizes)
+        s = logits(0, n)
+        a = (s[..., p.block:ds] - s.logsumexp(-1, keepdim=True)).exp().mean(2).amax(1)
+    else:
+        lse = torch.stack([logits(t0, min(t0 + chunk, n)).logsumexp(-1) for t0 in range(0, n, chunk)]).logsumexp(0)
+        a = torch.cat([(logits(t0, min(t0 + chunk, ds)) - lse[..., None]).exp().mean(2).amax(1)
+                       for t0 in range(p.block, ds, chunk)], -1)                           # [Hkv, ds - b]
     return torch.nn.functional.max_pool1d(a[:, None], pool, stride=1, padding=pool // 2)[:, 0]
 
 
 def observe_keep(q_obs: torch.Tensor, k: torch.Tensor, counts: torch.Tensor, p: TCAParams, scale: float,
-                 pool: int = OBSERVE_POOL, chunk: int = 8192) -> torch.Tensor:
+                 pool: int = OBSERVE_POOL, chunk: int = 16384) -> torch.Tensor:
     """Question-aware selection at the end of a prompt (SnapKV-style observation window): keep [Hkv, ds - b] bool
     over the compressed positions, keeping counts[h] tokens per KV head (the prefix-pure selection's number there,
     so the KV budget and the per-head budgets are unchanged), the top ones by `observe_scores`; ties go to the

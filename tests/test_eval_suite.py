@@ -43,8 +43,9 @@ def test_report_scores_kept_fidelity_and_plot(samples, tmp_path):
     assert f_off["agree"][0] == 0.75 and f_off["dnll"][0] == pytest.approx(1.0) and f_off["cont"][0] == 0.75
     mt = summ["streaming w=2048"]["mt"]["separate"]
     assert mt[0][0][0] == 0 and mt[3][1] == 300 and mt[3][2] == 0.25
-    md = eval_suite.markdown(runs[0], summ)
-    assert "| tca eps=0.1 | 100.0 ± 0.0 | 0.300 |" in md
+    runs[1]["date"] = "tomorrow"
+    md = eval_suite.markdown(runs, summ)
+    assert "| tca eps=0.1 | 100.0 ± 0.0 | 0.300 |" in md and "- date: today, tomorrow " in md
     s8 = {k: {**v, "avg": {8192: v["avg"][2048]}, "kept": {8192: v["kept"].get(2048)}} for k, v in summ.items()}
     eval_suite.plots(s8, tmp_path)
     assert (tmp_path / "eval_smollm2.png").stat().st_size > 10_000
