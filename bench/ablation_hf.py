@@ -157,7 +157,7 @@ def answer_scores(model, prompt, target, params, first: int = 0) -> dict:
     the first `first` of them) in a dense pass, as `observe_scores` computes it for the prompt's last queries."""
     n = prompt.shape[1]
     ds = int(dense_start(n, params.block, params.window))
-    end = n + len(target) - 1 if first <= 0 else min(n - 1 + first, n + len(target) - 1)
+    end = n - 1 + (len(target) if first <= 0 else min(first, len(target)))    # past the last query used
     out = {}
 
     def grab(layer, q, k):
@@ -213,7 +213,7 @@ def run(args) -> None:
             text = tok.decode(target, skip_special_tokens=True)
             row = {"task": it["task"], "index": it["index"], "n_tokens": ids.shape[1], "dense_output": text,
                    "dense_score": ruler.score(text, it), "kept": {}, "agree": {}, "prefix_score": {}}
-            scores = {}                                           # (block, window) -> the answer's scores
+            scores = {}                                # (block, window, lookahead) -> the answer's scores
             for _, v in pols:
                 if getattr(v, "oracle", False):
                     key = (v.params.block, v.params.window, v.lookahead)

@@ -16,7 +16,8 @@ Policies (`plan`): dense (SGLang's triton backend); TCA with the eps sweep of be
 the question-aware end of prompt (--tca-observe 32); at the two largest KV budgets whose expected kept share at 8K is
 <= 0.35: uniform budgets of the same mean (with and without observe), random tokens at TCA's per-block counts, and
 StreamingLLM (sink + window) with the window that keeps the same share at 8K; StreamingLLM at eps 0.05's share; w 512.
-The report adds paired differences (same prompts) of each observe run against dense and its baselines.
+The report adds paired differences (same prompts) of each observe run against dense and its baselines, and of
+each TCA run without observe against uniform and random at its eps.
 """
 from __future__ import annotations
 
@@ -519,7 +520,7 @@ def plots(summ: dict, out: Path) -> None:
         kept = s["kept"].get(8192, float("nan"))
         ttft = (s["ttft"] or {}).get("8192", {}).get("median_rest", float("nan"))
         style = {"dense": "k*", "tca": "bo", "uniform": "gs", "streaming": "r^", "random": "mv",
-                 "tca+obs32": "cD", "uniform+obs32": "yD"}.get(kind, "kx")
+                 f"tca+obs{OBSERVE}": "cD", f"uniform+obs{OBSERVE}": "yD"}.get(kind, "kx")
         for ax, x in zip(axes, (kept, ttft)):
             ax.errorbar([x], [a[0]], yerr=[a[1]], fmt=style, capsize=3, label=name)
     axes[0].set_xlabel("KV kept at 8K (share of dense)")
