@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_suite import BUDGETS_DIR, load_items  # noqa: E402
-from sglang_tca.algorithm import OBSERVE_POOL, dense_start, keep_from_counts, observe_scores, prompt_mask, select  # noqa: E402
+from sglang_tca.algorithm import OBSERVE_POOL, keep_from_counts, observe_scores, prompt_mask, select  # noqa: E402
+from sglang_tca.params import dense_start  # noqa: E402
 from sglang_tca.budgets import Budgets  # noqa: E402
 from sglang_tca.hf_attention import TCA, Dense, attention_policy  # noqa: E402
 

@@ -27,7 +27,7 @@ keeps keep * (0.5 + h / (Hkv - 1)), as the default mode's lists), thresholds [Hk
 of the layer (--pool-layers, default enough for ~1 GiB of KV) are visited in turn, as a model's layers are, so a
 call does not find the previous call's K/V in L2. Then it times, each piece alone captured in a CUDA graph of many
 calls and replayed (Triton JIT and warm-up outside the timing), ms per layer call:
-  a_none / a_all  `slot_state.select_at_slots` for the bs decode queries: at a position that ends no block (63 of 64
+  a_none / a_all  `selection.select_at_slots` for the bs decode queries: at a position that ends no block (63 of 64
                   steps) / where every request ends a block (same static-shape work; a_all also writes the masks);
   b               `kernels.kept_lists.kept_lists_from_bits` at position ctx - 1 (count, cumsum, write; parallel over block tiles);
   c               `kernels.sparse_attention.tca_sparse_attention` decode at ctx - 1, given b's lists;
@@ -43,7 +43,7 @@ call, d / e / f x --layers (default 32: Llama-3.1-8B) as attention ms per decode
 TCA step reads ((sink + kept + window) / ctx, mean over requests and heads). Sanity checks per case: c's output of
 request 0 against `tca_sparse_attention_ref`, and e against f (dense both). --no-dense skips e and f. With --smoke
 (tiny shapes; on CPU the kernels run under TRITON_INTERPRET=1 and nothing is timed) it also checks the built bits'
-kept share, b's lists against `slot_state.kept_positions`, d's output against the reference, and which slots a_none /
+kept share, b's lists against `selection.kept_positions`, d's output against the reference, and which slots a_none /
 a_all write. tests/test_kernel_bench.py runs the CPU smoke checks.
 """
 from __future__ import annotations
@@ -64,11 +64,11 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sglang_tca.algorithm import dense_start  # noqa: E402
+from sglang_tca.params import dense_start  # noqa: E402
 from sglang_tca.budgets import keep_counts_for  # noqa: E402
 from sglang_tca.kernels import tca_sparse_attention, tca_sparse_attention_ref  # noqa: E402
 from sglang_tca.kernels.kept_lists import kept_lists_from_bits  # noqa: E402
-from sglang_tca.slot_state import kept_positions, pack_bits, select_at_slots, unpack_bits  # noqa: E402
+from sglang_tca.serving.selection import kept_positions, pack_bits, select_at_slots, unpack_bits  # noqa: E402
 
 
 def head_shares(keep: float, hkv: int, device=None) -> torch.Tensor:
@@ -263,7 +263,7 @@ class DecodeCase:
         return unpack_bits(bits, self.block).float().mean(dim=(0, 1, 3))
 
     def ref_lists(self, l=0):
-        """CSR lists at ctx - 1 from `slot_state.kept_positions` (torch reference of b)."""
+        """CSR lists at ctx - 1 from `selection.kept_positions` (torch reference of b)."""
         r2t, bits = self.r2t.cpu(), self.bits[l].cpu()
         ls = [x for r in range(self.bs)
               for x in kept_positions(r + 1, self.ctx, r2t, bits, self.block, self.window)]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_tca.algorithm import (TCAParams, block_keep_counts, block_scores, dense_start, keep_from_counts, neff,
-                                  num_selectable_blocks, thresholds_for_shares)
+from sglang_tca.algorithm import (block_keep_counts, block_scores, keep_from_counts, neff, num_selectable_blocks,
+                                  thresholds_for_shares)
+from sglang_tca.params import TCAParams, dense_start
 from sglang_tca.budgets import Budgets, ModelShape, keep_counts_for
 
 MUS_STEP = 0.5

@@ -19,33 +19,10 @@ group share their KV head's selection. docs/ALGORITHM.md is the spec; in short, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from sglang_tca.config import POLICIES
-
-
-@dataclass(frozen=True)
-class TCAParams:
-    block: int = 64
-    window: int = 1024
-    scoring: str = "block_last"   # or "window"
-    policy: str = "tca"           # or an evaluation baseline, see `apply_policy`
-    observe: int = 0              # question-aware end of prompt: its last `observe` queries re-select (0 = off)
-
-    @property
-    def n_obs(self) -> int:
-        """Observation queries per block: its own last query, or the last queries of the w/b blocks from it on."""
-        return 1 if self.scoring == "block_last" else self.window // self.block
-
-
-def dense_start(n, block: int, window: int):
-    """First position of the dense window at sequence length n (int or tensor). Positions [block, dense_start) are
-    compressed blocks; [0, block) is the sink."""
-    if isinstance(n, torch.Tensor):
-        return block * torch.clamp((n - window) // block, min=1)
-    return block * max(1, (n - window) // block)
+from sglang_tca.params import POLICIES, TCAParams, dense_start
 
 
 def num_selectable_blocks(n: int, p: TCAParams) -> int:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from sglang_tca.params import dense_start
+
 FORMAT = "sglang-tca-budgets"
 VERSION = 1
 SCORINGS = ("block_last", "window")
@@ -103,8 +105,6 @@ class Budgets:
     def expected_kept(self, n: int) -> float:
         """Share of the KV kept at length n if every compressed block keeps the mean rho of all heads (sink and
         dense window kept whole): what these budgets cost, before any text is seen."""
-        from sglang_tca.algorithm import dense_start
-
         comp = dense_start(n, self.block, self.window) - self.block
         return float((n - comp + self.rho.mean() * comp) / n)
 

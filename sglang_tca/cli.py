@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, POLICIES, TCAConfig, check_model_path
+from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, TCAConfig, check_model_path
+from sglang_tca.params import POLICIES
 
 EXIT_BAD_INPUT = 2
 BACKEND = "tca"

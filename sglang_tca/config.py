@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
+from sglang_tca.params import POLICIES
+
 ENV_VAR = "SGLANG_TCA_CONFIG"
 STATS_ENV = "SGLANG_TCA_STATS"   # evaluation only: file the backend appends per-request KV-kept shares to
-POLICIES = ("tca", "random", "streaming")        # token selection policies, see sglang_tca.algorithm.apply_policy
 CONFIG_VERSION = 1
 BUDGETS_FILENAME = "tca_budgets.json"            # looked for in the model directory
 PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "data"

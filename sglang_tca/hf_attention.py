@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from sglang_tca.algorithm import TCAParams, kept_fraction, masked_attention, prompt_mask, select, visible, with_observed
+from sglang_tca.algorithm import kept_fraction, masked_attention, prompt_mask, select, visible, with_observed
+from sglang_tca.params import TCAParams
 from sglang_tca.budgets import Budgets
 
 IMPL = "tca"

@@ -1,7 +1,7 @@
 """SGLang plugin of sglang-tca: registers the "tca" attention backend and validates server flags.
 
 SGLang's own radix cache is used unchanged: TCA stores each block's selection at the KV slot of the block's last
-token (sglang_tca/slot_state.py), so a shared prefix shares its selections with its slots.
+token (sglang_tca/serving/selection.py), so a shared prefix shares its selections with its slots.
 
 Reached three ways, all idempotent:
   * the entry point  [project.entry-points."sglang.srt.plugins"] tca = "sglang_tca.plugin:register"
@@ -30,7 +30,7 @@ _OK_KV_DTYPES = {"auto", "bf16", "bfloat16", "fp16", "float16", "half", "float32
 # Registration
 # ---------------------------------------------------------------------------------------------------------------------
 def _create_tca_backend(model_runner):
-    from sglang_tca.backend import TCAAttnBackend  # written separately; imported only when a model is served
+    from sglang_tca.serving.backend import TCAAttnBackend  # written separately; imported only when a model is served
 
     return TCAAttnBackend(model_runner)
 

@@ -7,7 +7,7 @@ import torch
 from bench import ablation_hf
 from bench.ablation_hf import Variant, answer_scores, teacher_forced
 from calibration.calibrate import calibrate
-from sglang_tca.algorithm import dense_start
+from sglang_tca.params import dense_start
 from sglang_tca.hf_attention import Dense, attention_policy
 
 L = 200

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from sglang_tca.algorithm import (PrunedKVCache, TCAParams, block_keep_counts, block_scores, dense_start,
-                                  kept_fraction, masked_attention, neff, num_selectable_blocks, select, tca_attention,
-                                  thresholds_for_shares, visible)
+from sglang_tca.algorithm import (PrunedKVCache, block_keep_counts, block_scores, kept_fraction, masked_attention,
+                                  neff, num_selectable_blocks, select, tca_attention, thresholds_for_shares,
+                                  visible)
+from sglang_tca.params import TCAParams, dense_start
 
 HQ, HKV, D = 6, 2, 16
 

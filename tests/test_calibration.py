@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from calibration.calibrate import calibrate, candidates, layer_budget, sample_rows
-from sglang_tca.algorithm import TCAParams, dense_start, select, visible
+from sglang_tca.algorithm import select, visible
+from sglang_tca.params import TCAParams, dense_start
 from sglang_tca.budgets import Budgets
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from sglang_tca.kernels.kept_lists import kept_lists_from_bits, n_block_tiles
-from sglang_tca.slot_state import kept_positions
-from test_slot_state import B, HKV, W, FakePool, rand_seq
+from sglang_tca.serving.selection import kept_positions
+from test_selection import B, HKV, W, FakePool, rand_seq
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -101,8 +101,8 @@ def test_max_len_must_be_a_positive_int(max_len):
 def test_observed_blocks_come_from_the_request_masks():
     """With `observed`, blocks 1..obs_nb[row] of each request read obs_bits[row] (the question-aware end of prompt),
     later blocks their slots: obs_nb 0 (off), inside the compressed range, and past it, over several tiles."""
-    from sglang_tca.algorithm import dense_start
-    from sglang_tca.slot_state import unpack_bits
+    from sglang_tca.params import dense_start
+    from sglang_tca.serving.selection import unpack_bits
 
     block, window, hkv, ctx = 8, 16, 2, 256
     r2t, bits = random_pool(rows=5, ctx=ctx, hkv=hkv, block=block, seed=11)

@@ -33,7 +33,7 @@ def test_decode_pieces_match_the_references():
     case = kb.DecodeCase(ctx=256, bs=2, hq=4, hkv=2, d=16, block=16, window=64, keep=0.4, dtype=torch.float32,
                          device=DEV, n_layers=2)
     res = case.smoke_checks()
-    assert res["lists_match"]                       # b == slot_state.kept_positions
+    assert res["lists_match"]                       # b == selection.kept_positions
     assert res["a_none_writes_only_slot0"] and res["a_all_writes_block_ends"]
     assert res["step_err"] < 1e-5                   # d (select + lists + attention) == tca_sparse_attention_ref
     assert res["attention_err"] < 1e-5

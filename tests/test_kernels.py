@@ -24,8 +24,9 @@ from sglang_tca.kernels import sparse_attention as _attn_mod
 # if another module imported triton before the line above ran, the CPU tests cannot run here (see the fixture below).
 _INTERPRETED = type(tl.cdiv).__name__ == "InterpretedFunction"
 
-from sglang_tca.algorithm import (TCAParams, block_scores, dense_start, masked_attention, neff,  # noqa: E402
-                                  num_selectable_blocks, select, tca_attention, thresholds_for_shares, visible)
+from sglang_tca.algorithm import (block_scores, masked_attention, neff, select, tca_attention,
+                                  thresholds_for_shares, visible)
+from sglang_tca.params import TCAParams, dense_start
 
 tca_sparse_attention = _attn_mod.tca_sparse_attention
 tca_sparse_attention_ref = _attn_mod.tca_sparse_attention_ref
@@ -340,13 +341,13 @@ def test_gpu_select_blocks_32k():
 
 
 def test_observed_end_of_prompt_feeds_attention_end_to_end():
-    """The server's question-aware end of prompt, composed as in sglang_tca.backend: slot masks (select_at_slots) ->
+    """The server's question-aware end of prompt, composed as in sglang_tca.serving.backend: slot masks (select_at_slots) ->
     kept lists -> sparse attention for the prompt; observe_request for its last N queries (padded list) -> attention
     for those rows; then a decode step whose kept lists read the observed row. Equals the reference
     (algorithm.prompt_mask / with_observed) row by row, and the observed rows really differ from plain TCA."""
     from sglang_tca.algorithm import prompt_mask, with_observed
     from sglang_tca.kernels.kept_lists import kept_lists_from_bits
-    from sglang_tca.slot_state import observe_request, select_at_slots
+    from sglang_tca.serving.selection import observe_request, select_at_slots
 
     p = TCAParams(block=16, window=64, observe=12)
     hq, hkv, d, L = 4, 2, 32, 303                  # the decode at L compresses one more block (from its slot)

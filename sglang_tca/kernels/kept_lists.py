@@ -1,6 +1,6 @@
 """Kept-token lists for `tca_sparse_attention` from the block masks the server stores at KV slots.
 
-The server keeps block j's b-bit keep mask at the slot of the block's last token (sglang_tca/slot_state.py). For a
+The server keeps block j's b-bit keep mask at the slot of the block's last token (sglang_tca/serving/selection.py). For a
 batch, this builds per (request, KV head) the ascending kept positions of the blocks compressed at the request's last
 query (blocks 1..nb, nb = max((n - window) // b, 1) - 1 with n = last_pos + 1), as the CSR pair
 (kept_indptr [bs*Hkv+1], kept_pos) that `tca_sparse_attention` reads, in (request, head) order.
@@ -110,7 +110,7 @@ def kept_lists_from_bits(slot_bits: torch.Tensor, req_to_token: torch.Tensor, re
     host int >= last_pos + 1 of every request (sets the grid; larger only adds empty tiles); fills kept_pos (int32,
     capacity >= the total) and returns kept_indptr [bs*Hkv+1] int32. `observed` = (obs_bits [R, nblk, Hkv] int64
     (one layer), obs_nb [R] int32): blocks 1..obs_nb[row] of the request in req_to_token row `row` take their masks
-    from obs_bits[row] instead of the slots (the question-aware end of prompt, see sglang_tca.backend)."""
+    from obs_bits[row] instead of the slots (the question-aware end of prompt, see sglang_tca.serving.backend)."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int (an upper bound on last_pos + 1), got {max_len!r}")
     if block_tile <= 0 or block_tile & (block_tile - 1):

@@ -15,7 +15,7 @@ exactly as `algorithm.block_scores`, `neff`, `block_keep_counts` and `keep_from_
 `select_blocks` is a Triton kernel, one program per (block, KV head), for b <= 128 (the [b, b] rank matrix lives in
 registers). It is cheap next to attention: a block becomes compressible once per b tokens per request, and a whole
 32K prompt has ~500 blocks x Hkv programs of b x D work each; over the same math in torch
-(`slot_state.scores_to_bits`, what the server runs today) it saves ~15 small launches per layer. Not yet used by the
+(`selection.scores_to_bits`, what the server runs today) it saves ~15 small launches per layer. Not yet used by the
 server: `_prep` builds `keep_counts` on the host, which decode CUDA-graph capture refuses; precompute it first.
 
 Output (`SelectResult`), for n blocks:

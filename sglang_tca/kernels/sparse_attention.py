@@ -384,7 +384,8 @@ def tca_sparse_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indic
     """Pure-PyTorch reference with the same inputs: per request, gather K/V through req_to_token, rebuild the keep
     mask from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`. Host-synchronising and
     slow; for tests."""
-    from sglang_tca.algorithm import TCAParams, dense_start, masked_attention, visible
+    from sglang_tca.algorithm import masked_attention, visible
+    from sglang_tca.params import TCAParams, dense_start
 
     p = TCAParams(block=block, window=window)
     T, Hq, _ = q.shape

@@ -10,7 +10,7 @@ The selection of block j is computed once, when the forward pass processes the b
   recomputes its mask first; masks of other slots are never read.
 
 `scores_to_bits` and `select_at_slots` are the server-side selection (vectorised torch, graph-safe shapes);
-`kept_positions` expands the masks of a request into its kept token positions. Tests: tests/test_slot_state.py
+`kept_positions` expands the masks of a request into its kept token positions. Tests: tests/test_selection.py
 (against sglang_tca.algorithm).
 
 The question-aware end of prompt (`--tca-observe N`, `observe_request`) is the one selection that is *not* prefix-pure:
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from sglang_tca.algorithm import TCAParams, apply_policy, block_keep_counts, dense_start, keep_from_counts, neff, observe_keep
+from sglang_tca.algorithm import apply_policy, block_keep_counts, keep_from_counts, neff, observe_keep
+from sglang_tca.params import TCAParams, dense_start
 
 
 def bits_dtype_check(block: int) -> None:
@@ -114,7 +115,7 @@ def observe_request(q_obs: torch.Tensor, k_buffer: torch.Tensor, req_to_token: t
 def kept_positions(req_row: int, seq_len: int, req_to_token, slot_bits, block: int, window: int) -> list[torch.Tensor]:
     """Kept positions per KV head of the compressed blocks of one request at length seq_len (a reference/debug view
     used by tests; the attention kernels read the masks directly)."""
-    from sglang_tca.algorithm import dense_start
+    from sglang_tca.params import dense_start
 
     n_comp = dense_start(seq_len, block, window) // block - 1
     if n_comp <= 0:

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from sglang_tca.algorithm import TCAParams, dense_start, select
-from sglang_tca.slot_state import kept_positions, pack_bits, select_at_slots, unpack_bits
+from sglang_tca.algorithm import select
+from sglang_tca.params import TCAParams, dense_start
+from sglang_tca.serving.selection import kept_positions, pack_bits, select_at_slots, unpack_bits
 
 HQ, HKV, D, B, W = 6, 2, 16, 8, 32
 
@@ -94,7 +95,7 @@ def test_random_policy_draws_by_global_head_id():
 def test_block_end_rows_are_the_selecting_tokens():
     """The host-side rows the server selects in an extend batch are exactly the tokens select_at_slots would store
     a mask for (positions ending a block j >= 1), for prefixes and chunks at and around block edges."""
-    from sglang_tca.slot_state import block_end_rows
+    from sglang_tca.serving.selection import block_end_rows
 
     cases = [([0], [300]), ([0, 5, 63, 64, 127, 130], [1, 200, 1, 64, 2, 7]), ([2 * B - 1, 0], [1, 2 * B - 1]),
              ([], []), ([40], [0])]

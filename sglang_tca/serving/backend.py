@@ -3,8 +3,8 @@
 Per layer and batch, in extend (prefill chunks) and decode alike:
   1. save the batch's K/V into SGLang's pool (unchanged pool, unchanged allocator);
   2. every token that ends a block j >= 1 selects that block from its own query (scoring "block_last") and stores the
-     b-bit keep mask at its KV slot (`slot_state.select_at_slots`): in extend only those tokens' rows (found on the
-     host, `slot_state.block_end_rows`), in decode every row (static shapes, so decode CUDA graphs capture it);
+     b-bit keep mask at its KV slot (`selection.select_at_slots`): in extend only those tokens' rows (found on the
+     host, `selection.block_end_rows`), in decode every row (static shapes, so decode CUDA graphs capture it);
   3. attention: each query sees the sink, the kept tokens of blocks that left its window and its dense window:
      the masks become per-(request, KV head) kept lists (`kernels.kept_lists`), which
      `kernels.sparse_attention.tca_sparse_attention` reads. Batches in which no
@@ -12,7 +12,7 @@ Per layer and batch, in extend (prefill chunks) and decode alike:
      results by construction: TCA only differs from dense once a block has left the window).
 The radix cache is SGLang's own: a request that reuses a cached prefix reads the masks stored at the prefix's slots.
 With `--tca-observe N` (question-aware end of prompt) the last N queries of each prompt's final chunk re-choose the
-tokens of the compressed blocks, per KV head and with the same number of tokens (`slot_state.observe_request`):
+tokens of the compressed blocks, per KV head and with the same number of tokens (`selection.observe_request`):
 they attend to that choice, and so does the decode that follows (the kept lists read the request's row of
 `obs_bits` for its prompt's blocks). The choice is the request's own, never written to shared slots; the KV of
 those N tokens and of the answer is computed with it and cached like any other (as SGLang caches decode-time KV).
@@ -30,11 +30,11 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.runtime_context import get_parallel
 
-from sglang_tca.algorithm import TCAParams, dense_start
+from sglang_tca.params import TCAParams, dense_start
 from sglang_tca.config import STATS_ENV, load_runtime
 from sglang_tca.kernels.kept_lists import kept_lists_from_bits
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
-from sglang_tca.slot_state import bits_dtype_check, block_end_rows, observe_request, select_at_slots
+from sglang_tca.serving.selection import bits_dtype_check, block_end_rows, observe_request, select_at_slots
 
 logger = logging.getLogger(__name__)
 
