@@ -1,15 +1,31 @@
 """SGLang monkeypatches of sglang-tca: one module per patched SGLang target, each version-checked.
 
-Every patch module starts with
+Every patch module names its TARGET, defines its hook and an `install()` that calls
 
-    from patches import require_sglang
-    require_sglang("0.5.17", target="sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free")
+    from patches import install_hook
+    install_hook(TARGET, hook, HookType.AFTER)
 
-so that a different SGLang fails loudly at import instead of silently mis-patching.
+which checks the installed SGLang version first (`require_sglang`), so that a different SGLang fails loudly at start
+instead of silently mis-patching, and registers the hook with SGLang's HookRegistry (so it also reaches the spawned
+scheduler processes, which run `sglang_tca.plugin.register()`). `install_all()` installs every patch; hooks only act
+when --attention-backend tca is selected.
 """
 from __future__ import annotations
 
+import importlib
+
 SUPPORTED_SGLANG = "0.5.17"
+
+# One module per target (patches/<module>.py); the order does not matter.
+PATCH_MODULES = (
+    "server_args_post_init",
+    "kv_cache_configurator_derive_pool_sizes",
+    "kv_cache_configurator_build_token_to_kv_pool",
+    "kv_cache_configurator_build_token_to_kv_pool_allocator",
+    "kv_cache_builder_build_kv_cache",
+    "tp_worker_forward_batch_generation",
+    "scheduler_process_batch_result",
+)
 
 
 class SGLangVersionError(RuntimeError):
@@ -36,3 +52,22 @@ def require_sglang(version: str = SUPPORTED_SGLANG, target: str = "") -> str:
         raise SGLangVersionError(f"{what} was written for sglang {version}, but {found}; "
                                  f"install sglang=={version} or port the patch (see patches/README.md)")
     return have
+
+
+def install_hook(target: str, hook, hook_type) -> None:
+    """Register `hook` on `target` with SGLang's HookRegistry (idempotent). When another plugin already patched the
+    target, wrap ours on top right away (HookRegistry.apply_hooks skips patched targets)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    require_sglang(SUPPORTED_SGLANG, target)
+    if any(h is hook for _, h, _ in HookRegistry._hooks.get(target, [])):
+        return
+    already_patched = target in HookRegistry._patched
+    HookRegistry.register(target, hook, hook_type)
+    if already_patched:
+        HookRegistry._apply_target(target, [(hook_type, hook, None)])
+
+
+def install_all() -> None:
+    for name in PATCH_MODULES:
+        importlib.import_module(f"patches.{name}").install()

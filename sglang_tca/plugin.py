@@ -1,7 +1,5 @@
-"""SGLang plugin of sglang-tca: registers the "tca" attention backend and validates server flags.
-
-SGLang's own radix cache is used unchanged: TCA stores each block's selection at the KV slot of the block's last
-token (sglang_tca/serving/selection.py), so a shared prefix shares its selections with its slots.
+"""SGLang plugin of sglang-tca: registers the "tca" attention backend and radix cache, installs the patches
+(patches/, which build TCA's KV pool and allocator in place of SGLang's), and validates server flags.
 
 Reached three ways, all idempotent:
   * the entry point  [project.entry-points."sglang.srt.plugins"] tca = "sglang_tca.plugin:register"
@@ -19,7 +17,6 @@ from sglang_tca.config import TCAConfigError
 __all__ = ["register", "run_scheduler_process", "validate_server_args", "TCAConfigError", "BACKEND_NAME"]
 
 BACKEND_NAME = "tca"
-POST_INIT_TARGET = "sglang.srt.server_args.ServerArgs.__post_init__"
 _registered = False
 
 # KV-cache dtypes TCA keeps (16/32-bit floats); quantised caches (fp8, fp4, mxfp8, ...) are refused.
@@ -36,46 +33,36 @@ def _create_tca_backend(model_runner):
 
 
 def register() -> None:
-    """Register the "tca" attention backend and the ServerArgs validation hook. Idempotent."""
+    """Register the "tca" attention backend and radix cache, and install the patches (patches/). Idempotent."""
     global _registered
     if _registered:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, _current_plugin_source
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    import patches
+    from sglang_tca.serving.memory import set_scheduler_env
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     if BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(BACKEND_NAME)(_create_tca_backend)
-
-    if not _hook_installed():
-        already_patched = POST_INIT_TARGET in HookRegistry._patched
-        HookRegistry.register(POST_INIT_TARGET, _after_post_init, HookType.AFTER)
-        if already_patched:
-            # Some hook already wrapped __post_init__; apply_hooks() would skip the target, so wrap ours on top.
-            HookRegistry._apply_target(POST_INIT_TARGET, [(HookType.AFTER, _after_post_init, None)])
-        elif _current_plugin_source.get() is None:
-            # Called directly (not by load_plugins(), which applies all hooks right after running its plugins).
-            HookRegistry.apply_hooks()
+    if get_radix_cache_factory(BACKEND_NAME) is None:
+        register_radix_cache_backend(BACKEND_NAME, _create_tca_tree_cache)
+    patches.install_all()
+    if _current_plugin_source.get() is None:
+        # Called directly (not by load_plugins(), which applies all hooks right after running its plugins).
+        HookRegistry.apply_hooks()
+    set_scheduler_env()
     _registered = True
 
 
-def _hook_installed() -> bool:
-    """Whether our validation already wraps ServerArgs.__post_init__ (walks the HookRegistry wrapper chain)."""
-    from sglang.srt.server_args import ServerArgs
+def _create_tca_tree_cache(ctx):
+    from sglang_tca.serving.radix import create_tree_cache
 
-    fn = ServerArgs.__dict__.get("__post_init__")
-    seen = 0
-    while fn is not None and seen < 64:
-        for cell in getattr(fn, "__closure__", None) or ():
-            try:
-                if cell.cell_contents is _after_post_init:
-                    return True
-            except ValueError:  # empty cell
-                pass
-        fn, seen = getattr(fn, "__wrapped__", None), seen + 1
-    return False
+    return create_tree_cache(ctx)
 
 
 def run_scheduler_process(*args, **kwargs):
@@ -97,11 +84,6 @@ def run_scheduler_process(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------------------------------
 # ServerArgs validation (runs after ServerArgs.__post_init__, i.e. once fully resolved, in the launching process)
 # ---------------------------------------------------------------------------------------------------------------------
-def _after_post_init(result, self, *args, **kwargs):
-    validate_server_args(self)
-    return result
-
-
 def validate_server_args(sa) -> None:
     """Raise TCAConfigError naming every flag that TCA cannot honour. No-op unless TCA is selected somewhere."""
     g = lambda name, default=None: getattr(sa, name, default)  # noqa: E731
@@ -135,13 +117,22 @@ def validate_server_args(sa) -> None:
         "separate prefill/decode attention backends")
     kv_dtype = g("kv_cache_dtype", "auto")
     bad(kv_dtype not in _OK_KV_DTYPES, f"--kv-cache-dtype {kv_dtype}", "quantised KV cache; use auto, bf16 or fp16")
-    bad(g("page_size") not in (None, 1), f"--page-size {g('page_size')}", "TCA needs page size 1")
+    from sglang_tca.config import load_runtime
+
+    rt = load_runtime(sa.model_path)
+    bad(g("page_size") != rt.block, f"--page-size {g('page_size')}",
+        f"TCA's pages are its blocks: --page-size {rt.block} (launch.py sets it)")
+    bad(rt.observe > 0, f"--tca-observe {rt.observe}",
+        "the question-aware end of prompt needs the whole prompt's dense KV, which TCA frees")
     bad((g("dcp_size", 1) or 1) > 1, f"--dcp-size {g('dcp_size')}", "decode context parallelism")
     bad(bool(g("enable_prefill_cp")) or (g("attn_cp_size", 1) or 1) > 1, "--enable-prefill-cp/--attn-cp-size",
         "context parallelism")
     bad(bool(g("enable_lmcache")), "--enable-lmcache", "external KV offload")
     bad(bool(g("enable_flexkv")), "--enable-flexkv", "external KV offload")
-    bad(radix is not None, f"--radix-cache-backend {radix}", "TCA shares selections through SGLang's default radix cache")
+    bad(radix not in (None, BACKEND_NAME), f"--radix-cache-backend {radix}",
+        "TCA shares compressed prefixes through its own radix cache")
+    bad(bool(g("enable_unified_memory")), "--enable-unified-memory", "TCA builds its own KV pool")
     if problems:
         raise TCAConfigError("--attention-backend tca does not support: " + "; ".join(problems)
                              + ". Remove these flags, or serve without TCA (--no-tca / another --attention-backend).")
+    sa.radix_cache_backend = BACKEND_NAME          # the registered "tca" radix cache (sglang_tca.serving.radix)

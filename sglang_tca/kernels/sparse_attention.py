@@ -1,4 +1,5 @@
-"""TCA sparse attention over SGLang's token pool: one Triton kernel for extend (prefill chunks) and decode.
+"""TCA sparse attention over the compressed store and the dense pool: one Triton kernel for extend (prefill
+chunks) and decode.
 
 Semantics (exactly `sglang_tca.algorithm.visible`): with block b and window w, a query at absolute position i
 (n = i + 1, ds = dense_start(n) = b * max(1, (n - w) // b)) sees key positions t <= i with
@@ -7,43 +8,47 @@ Semantics (exactly `sglang_tca.algorithm.visible`): with block b and window w, a
     t >= ds                                 (dense window), or
     b <= t < ds and t is kept by its KV head (compressed blocks).
 
+Where the keys live (`sglang_tca.serving.sizing.MemoryPlan`): one K and one V arena of [rows, D]. The sink and the
+kept tokens of compressed blocks are rows of the compressed store, listed per (request, KV head) by
+`kernels.kept_lists`; the dense window is read from the layer's dense buffer, dense slot
+l2d[req_to_token[row, t]] of KV head h at arena row dense_base + slot * Hkv + h. A request whose sink block is not
+complete yet (fewer than b tokens) has nothing in the store: all its keys come from the dense buffer.
+
 Inputs (bs requests, T packed query tokens, Hq query heads, Hkv KV heads, G = Hq // Hkv):
 
     q                [T, Hq, D]            fp16 / bf16 / fp32; request r's tokens are q[qo_indptr[r]:qo_indptr[r+1]]
-    k_buffer         [slots, Hkv, D]       SGLang's per-layer K pool (NHD, page size 1), same dtype as q
-    v_buffer         [slots, Hkv, Dv]      V pool
-    req_to_token     [R, max_ctx] int32    slot id of (request row, position)
+    arena_k, arena_v [rows, D], [rows, Dv] the K and V arenas (same dtype as q, same row stride)
+    dense_base       int                   first arena row of this layer's dense buffer
+    l2d              [logical ids] int64   SGLang's logical -> dense slot map (full_to_swa_index_mapping)
+    req_to_token     [R, max_ctx] int32    logical id of (request row, position)
     req_pool_indices [bs] int32/int64      request row of each batch entry
     q_start_pos      [bs] int32/int64      absolute position of request r's first query (= cached prefix length in
                                            extend, = seq_len - 1 in decode); its queries are q_start_pos[r] + 0..len-1
     qo_indptr        [bs + 1] int32/int64  query offsets into q
-    kept_indptr      [bs * Hkv + 1] int    kept list of (r, h) is kept_pos[kept_indptr[r*Hkv+h] : kept_indptr[r*Hkv+h+1]]
-    kept_pos         [nnz] int32           absolute positions, ascending per list, all in [b, dense_start(last + 1))
-                                           for the request's last query (entries beyond are allowed but ignored,
-                                           the dense pass covers them)
+    kept_indptr      [bs * Hkv + 1] int    kept list of (r, h) is entries kept_indptr[r*Hkv+h] : kept_indptr[r*Hkv+h+1]
+    kept_row         [nnz] int32           arena rows of the kept keys (sink first, then ascending positions)
+    kept_pos         [nnz] int32 or None   their absolute positions, all below dense_start(last + 1) for the
+                                           request's last query; None for one query per request (decode: all
+                                           kept keys are visible)
     out              [T, Hq, Dv]           optional output (dtype of q)
 
-Keys of every position <= a request's last query must already be in the pool (set_kv_buffer before the call).
+Keys of every position <= a request's last query must already be stored (set_kv_buffer and the compaction before
+the call).
 
 Kernel layout: grid (query tile, request, KV head x KV split). The rows of a tile are (query, group head) pairs, so
 the G query heads of a KV head share every K/V load (BLOCK_Q = BLOCK_M // G queries per tile). Each program walks one
-"virtual key list" = [sink (min(b, last+1) positions) | kept entries visible to the tile | dense range
-[dense_start(first query + 1), last query]] with online softmax; positions are mapped to slots through
-req_to_token inside the kernel, and per-element masks apply the per-query rules above (an earlier query of a chunk
-sees fewer compressed blocks and a longer dense range). The number of kept entries a tile may see is found in-kernel
-with a two-level vectorised search over the sorted list (two dependent loads), so the work per query is
-O(b + kept + w + BLOCK_Q), never O(i). Keys that every row of the tile sees (the sink once the first query is past
-it, kept entries below the first query's dense start) are processed first without per-element masks (2x faster
+"virtual key list" = [kept entries visible to the tile | dense range [dense_start(first query + 1), last query]]
+with online softmax, and per-element masks apply the per-query rules above (an earlier query of a chunk sees fewer
+compressed blocks and a longer dense range). The number of kept entries a tile may see is found in-kernel with a
+two-level vectorised search over the sorted positions (two dependent loads), so the work per query is
+O(kept + w + BLOCK_Q), never O(i). Kept keys that every row of the tile sees (all of them below the first query's
+dense start, once the first query is past the sink) are processed first without per-element masks (2x faster
 prefill on H100). For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by
 a small log-sum-exp merge kernel (like SGLang's decode stage 2).
 
-H100, bf16, Hq=32, Hkv=8, D=128, b=64, w=1024, ~30% of compressed tokens kept, CUDA graphs (bench/kernel_bench.py):
-32K prefill 10.9 ms vs 26.1 ms dense flash (torch SDPA), all-kept 27.2 ms; 32K decode bs=1 / 16 / 64:
-0.032 / 0.29 / 1.07 ms vs 0.059 / 0.70 / 3.43 ms dense.
-
 No host synchronisation: the grid only needs Python ints (max_q_len; default T, always an upper bound).
-Not supported (yet): fp8 KV (k_scale / v_scale), logit soft-capping, paged (page_size > 1) or HND pools,
-sliding-window layers, attention sinks as learned logits, returning the LSE.
+Not supported (yet): fp8 KV (k_scale / v_scale), logit soft-capping, sliding-window layers, attention sinks as
+learned logits, returning the LSE.
 """
 from __future__ import annotations
 
@@ -79,38 +84,43 @@ def _count_below(ptr, n, x, SAMPLE: tl.constexpr):
 
 
 @triton.jit
-def _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
-               K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+def _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base, r2t_row, L2D,
+               K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
                qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-               MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """One BLOCK_N step of the virtual key list [sink | kept | dense] with online softmax. MASKED=False: every
-    column is a sink or kept key that all rows see (no per-element masks)."""
+               BLOCK: tl.constexpr, MASKED: tl.constexpr, WITH_POS: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N step of the virtual key list [kept | dense] with online softmax. MASKED=False: every column is a
+    kept key that all rows see (no per-element masks)."""
     vi = start + offs_n
-    in_sink = vi < n_sink
-    in_kept = (vi >= n_sink) & (vi < sk)
-    kp = tl.load(kept_base + (vi - n_sink), mask=in_kept, other=0)
+    in_kept = vi < sk
     if MASKED:
         col_valid = vi < v_hi
-        pos = tl.where(in_sink, vi, tl.where(in_kept, kp, ds_first + (vi - sk)))
-        slot = tl.load(r2t_row + pos, mask=col_valid, other=0).to(tl.int64)
-        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+        krow = tl.load(kept_row_base + vi, mask=in_kept, other=0).to(tl.int64)
+        if WITH_POS:
+            kpos = tl.load(kept_pos_base + vi, mask=in_kept, other=0)
+        else:
+            kpos = offs_n * 0
+        dpos = ds_first + (vi - sk)
+        in_dense = (vi >= sk) & col_valid
+        lid = tl.load(r2t_row + dpos, mask=in_dense, other=0).to(tl.int64)
+        dslot = tl.load(L2D + lid, mask=in_dense, other=0)
+        row = tl.where(in_kept, krow, dense_base + dslot * num_kv_heads + h)
+        pos = tl.where(in_kept, kpos, dpos)
+        k = tl.load(K_Arena + row[None, :] * stride_row + offs_d[:, None],
                     mask=col_valid[None, :] & mask_d[:, None], other=0.0)
     else:
-        pos = tl.where(in_sink, vi, kp)
-        slot = tl.load(r2t_row + pos).to(tl.int64)
-        k = tl.load(K_Buf + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
-                    mask=mask_d[:, None], other=0.0)
+        row = tl.load(kept_row_base + vi).to(tl.int64)
+        k = tl.load(K_Arena + row[None, :] * stride_row + offs_d[:, None], mask=mask_d[:, None], other=0.0)
     if IEEE:
         qk = tl.dot(q, k, input_precision="ieee")
     else:
         qk = tl.dot(q, k)
     qk = qk * sm_scale_log2
     if MASKED:
-        in_dense = (vi >= sk) & col_valid
         causal = pos[None, :] <= qpos[:, None]
-        vis = (in_sink[None, :] & causal) \
-            | (in_kept[None, :] & (pos[None, :] < ds_row[:, None])) \
-            | (in_dense[None, :] & causal & (pos[None, :] >= ds_row[:, None]))
+        # kept keys: the sink causally, compressed tokens below the row's dense start (without positions, decode:
+        # every kept key is visible, and its placeholder position 0 is)
+        kvis = tl.where(pos[None, :] < BLOCK, causal, pos[None, :] < ds_row[:, None])
+        vis = (in_kept[None, :] & kvis) | (in_dense[None, :] & causal & (pos[None, :] >= ds_row[:, None]))
         vis = vis & row_valid[:, None]
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -122,11 +132,10 @@ def _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
-        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+        v = tl.load(V_Arena + row[:, None] * stride_row + offs_dv[None, :],
                     mask=col_valid[:, None] & mask_dv[None, :], other=0.0)
     else:
-        v = tl.load(V_Buf + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
-                    mask=mask_dv[None, :], other=0.0)
+        v = tl.load(V_Arena + row[:, None] * stride_row + offs_dv[None, :], mask=mask_dv[None, :], other=0.0)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -136,12 +145,11 @@ def _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r
 
 @triton.jit
 def _tca_fwd_kernel(
-    Q, K_Buf, V_Buf, O, O_Part, Lse_Part,
-    req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_pos,
-    sm_scale_log2,
+    Q, K_Arena, V_Arena, O, O_Part, Lse_Part, L2D,
+    req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_row, kept_pos,
+    sm_scale_log2, dense_base,
     stride_qt, stride_qh,
-    stride_kbs, stride_kh,
-    stride_vbs, stride_vh,
+    stride_row,
     stride_ot, stride_oh,
     stride_ps, stride_pt, stride_ph,
     stride_ls, stride_lt,
@@ -151,7 +159,7 @@ def _tca_fwd_kernel(
     BLOCK: tl.constexpr, WINDOW: tl.constexpr, G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SEARCH_SAMPLE: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SEARCH_SAMPLE: tl.constexpr, WITH_POS: tl.constexpr, IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1)
@@ -167,6 +175,8 @@ def _tca_fwd_kernel(
     q_tile_end = tl.minimum(q_tile_start + BLOCK_Q, q_len)
     rp = tl.load(req_pool_indices + r).to(tl.int64)
     p0 = tl.load(q_start_pos + r).to(tl.int32)
+    # Until the request's sink block is complete nothing is in the store: every key is in the dense range.
+    sink_done = p0 + q_len - 1 >= BLOCK - 1
 
     # rows = (query, group head) pairs
     offs_m = tl.arange(0, BLOCK_M)
@@ -175,20 +185,24 @@ def _tca_fwd_kernel(
     row_valid = (qi < BLOCK_Q) & (q_tile_start + qi < q_len)
     qpos = p0 + q_tile_start + qi                                           # absolute query positions
     ds_row = BLOCK * tl.maximum((qpos + 1 - WINDOW) // BLOCK, 1)            # dense_start(qpos + 1)
+    ds_row = tl.where(sink_done, ds_row, 0)
 
     first_pos = p0 + q_tile_start
     last_pos = p0 + q_tile_end - 1
-    ds_first = BLOCK * tl.maximum((first_pos + 1 - WINDOW) // BLOCK, 1)
-    ds_last = BLOCK * tl.maximum((last_pos + 1 - WINDOW) // BLOCK, 1)
+    ds_first = tl.where(sink_done, BLOCK * tl.maximum((first_pos + 1 - WINDOW) // BLOCK, 1), 0)
+    ds_last = tl.where(sink_done, BLOCK * tl.maximum((last_pos + 1 - WINDOW) // BLOCK, 1), 0)
 
-    # virtual key list of this tile: [sink | kept < ds_last | dense ds_first..last_pos]
+    # virtual key list of this tile: [kept (sink and compressed blocks) < ds_last | dense ds_first..last_pos]
     kbeg = tl.load(kept_indptr + r * num_kv_heads + h)
     kend = tl.load(kept_indptr + r * num_kv_heads + h + 1)
-    kept_base = kept_pos + kbeg
-    n_sink = tl.minimum(BLOCK, last_pos + 1)
-    n_kept = _count_below(kept_base, (kend - kbeg).to(tl.int32), ds_last, SEARCH_SAMPLE)
+    kept_row_base = kept_row + kbeg
+    kept_pos_base = kept_pos + kbeg
+    if WITH_POS:
+        n_kept = _count_below(kept_pos_base, (kend - kbeg).to(tl.int32), ds_last, SEARCH_SAMPLE)
+    else:
+        n_kept = (kend - kbeg).to(tl.int32)
     n_dense = tl.maximum(last_pos + 1 - ds_first, 0)
-    sk = n_sink + n_kept
+    sk = n_kept
     total = sk + n_dense
 
     if NUM_SPLITS > 1:
@@ -215,22 +229,23 @@ def _tca_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     r2t_row = req_to_token + rp * stride_r2t
-    # Keys every row of the tile sees (the sink once the first query is past it, and the kept entries below the
-    # first query's dense start) need no masks: handle whole BLOCK_N steps of them first, the rest masked.
+    # Kept keys every row of the tile sees (all of them once the first query is past the sink, up to the first
+    # query's dense start) need no masks: handle whole BLOCK_N steps of them first, the rest masked.
     n_kept_first = n_kept
-    if ds_first < ds_last:
-        n_kept_first = _count_below(kept_base, (kend - kbeg).to(tl.int32), ds_first, SEARCH_SAMPLE)
-    nomask_end = tl.where(first_pos >= BLOCK - 1, ((BLOCK + n_kept_first) // BLOCK_N) * BLOCK_N, 0)
+    if WITH_POS:
+        if ds_first < ds_last:
+            n_kept_first = _count_below(kept_pos_base, (kend - kbeg).to(tl.int32), ds_first, SEARCH_SAMPLE)
+    nomask_end = tl.where(first_pos >= BLOCK - 1, (n_kept_first // BLOCK_N) * BLOCK_N, 0)
     for start in range(v_lo, tl.minimum(v_hi, nomask_end), BLOCK_N):
-        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
-                                   K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
+                                   r2t_row, L2D, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
                                    qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-                                   False, IEEE)
+                                   BLOCK, False, WITH_POS, IEEE)
     for start in range(tl.maximum(v_lo, nomask_end), v_hi, BLOCK_N):
-        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, n_sink, sk, ds_first, kept_base, r2t_row,
-                                   K_Buf, V_Buf, h, stride_kbs, stride_kh, stride_vbs, stride_vh,
+        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
+                                   r2t_row, L2D, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
                                    qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-                                   True, IEEE)
+                                   BLOCK, True, WITH_POS, IEEE)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -278,9 +293,10 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                         req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, q_start_pos: torch.Tensor,
-                         qo_indptr: torch.Tensor, kept_indptr: torch.Tensor, kept_pos: torch.Tensor,
+def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.Tensor, dense_base: int,
+                         num_kv_heads: int, l2d: torch.Tensor, req_to_token: torch.Tensor,
+                         req_pool_indices: torch.Tensor, q_start_pos: torch.Tensor, qo_indptr: torch.Tensor,
+                         kept_indptr: torch.Tensor, kept_row: torch.Tensor, kept_pos: Optional[torch.Tensor],
                          block: int, window: int, sm_scale: float, out: Optional[torch.Tensor] = None, *,
                          max_q_len: Optional[int] = None, num_kv_splits: Optional[int] = None,
                          block_m: Optional[int] = None, block_n: Optional[int] = None,
@@ -288,30 +304,34 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
     """TCA sparse attention for a packed batch of extend chunks and/or decode tokens (see the module docstring for
     shapes). Returns `out` [T, Hq, Dv] (rows of T not covered by qo_indptr are left untouched).
 
+    kept_pos None: one query per request (decode), every kept key visible.
     max_q_len: Python int upper bound on the per-request query count (sizes the grid; default T = q.shape[0]).
     num_kv_splits: split each tile's key list over this many programs (+ a merge kernel); default: 1 on CPU and for
         long chunks, and on CUDA for short ones (decode) enough for ~8 programs per SM, at most 32.
     block_m / block_n / num_warps / num_stages: tile overrides (block_m rows = (query, group head) pairs).
     """
-    assert q.dim() == 3 and k_buffer.dim() == 3 and v_buffer.dim() == 3, "q [T,Hq,D], k/v_buffer [slots,Hkv,D]"
+    assert q.dim() == 3 and arena_k.dim() == 2 and arena_v.dim() == 2, "q [T,Hq,D], arenas [rows, D]"
     assert block > 0 and block & (block - 1) == 0, "block must be a power of two"
     assert window % block == 0 and window >= block, "window must be a positive multiple of block"
     T, Hq, Lq = q.shape
-    Hkv, Lv = k_buffer.shape[1], v_buffer.shape[2]
-    assert k_buffer.shape[2] == Lq and v_buffer.shape[1] == Hkv and Hq % Hkv == 0
+    Hkv, Lv = num_kv_heads, arena_v.shape[1]
+    assert arena_k.shape[1] == Lq and Hq % Hkv == 0 and arena_k.stride(0) == arena_v.stride(0)
     G = Hq // Hkv
     bs = qo_indptr.numel() - 1
     assert req_pool_indices.numel() >= bs and q_start_pos.numel() >= bs
     assert kept_indptr.numel() == bs * Hkv + 1, "kept_indptr must have bs * Hkv + 1 entries"
-    assert q.stride(-1) == 1 and k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1
+    assert q.stride(-1) == 1 and arena_k.stride(-1) == 1 and arena_v.stride(-1) == 1
     assert req_to_token.stride(-1) == 1
     if out is None:
         out = torch.empty(T, Hq, Lv, dtype=q.dtype, device=q.device)
     assert out.shape == (T, Hq, Lv) and out.stride(-1) == 1
     if bs == 0 or T == 0:
         return out
-    if kept_pos.numel() == 0:                     # keep a valid pointer for the (masked) loads
-        kept_pos = torch.zeros(1, dtype=torch.int32, device=q.device)
+    with_pos = kept_pos is not None
+    if kept_row.numel() == 0:                     # keep valid pointers for the (masked) loads
+        kept_row = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if not with_pos or kept_pos.numel() == 0:
+        kept_pos = kept_row
 
     max_q_len = T if max_q_len is None else max(1, min(int(max_q_len), T))
     on_gpu = q.is_cuda
@@ -353,12 +373,11 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
 
     grid = (q_tiles, bs, Hkv * num_kv_splits)
     _tca_fwd_kernel[grid](
-        q, k_buffer, v_buffer, out, o_part, lse_part,
-        req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_pos,
-        float(sm_scale) * _LOG2E,
+        q, arena_k, arena_v, out, o_part, lse_part, l2d,
+        req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_row, kept_pos,
+        float(sm_scale) * _LOG2E, dense_base,
         q.stride(0), q.stride(1),
-        k_buffer.stride(0), k_buffer.stride(1),
-        v_buffer.stride(0), v_buffer.stride(1),
+        arena_k.stride(0),
         out.stride(0), out.stride(1),
         ps[0], ps[1], ps[2],
         ls[0], ls[1],
@@ -366,7 +385,7 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
         Hkv,
         Lq=Lq, Lv=Lv, BLOCK=block, WINDOW=window, G=G,
         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q,
-        NUM_SPLITS=num_kv_splits, SEARCH_SAMPLE=_SEARCH_SAMPLE, IEEE=(q.dtype == torch.float32),
+        NUM_SPLITS=num_kv_splits, SEARCH_SAMPLE=_SEARCH_SAMPLE, WITH_POS=with_pos, IEEE=(q.dtype == torch.float32),
         **extra,
     )
     if num_kv_splits > 1:
@@ -379,19 +398,21 @@ def tca_sparse_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torc
     return out
 
 
-def tca_sparse_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, q_start_pos, qo_indptr,
-                             kept_indptr, kept_pos, block, window, sm_scale, out=None) -> torch.Tensor:
-    """Pure-PyTorch reference with the same inputs: per request, gather K/V through req_to_token, rebuild the keep
-    mask from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`. Host-synchronising and
-    slow; for tests."""
+def tca_sparse_attention_ref(q, arena_k, arena_v, dense_base, num_kv_heads, l2d, req_to_token, req_pool_indices,
+                             q_start_pos, qo_indptr, kept_indptr, kept_row, kept_pos, block, window, sm_scale,
+                             out=None) -> torch.Tensor:
+    """Pure-PyTorch reference with the same inputs (kept_pos required): per request, rebuild each position's K/V
+    (kept positions from their arena rows, the dense range through req_to_token and l2d), rebuild the keep mask
+    from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`. Host-synchronising and slow;
+    for tests."""
     from sglang_tca.algorithm import masked_attention, visible
     from sglang_tca.params import TCAParams, dense_start
 
     p = TCAParams(block=block, window=window)
     T, Hq, _ = q.shape
-    Hkv = k_buffer.shape[1]
+    Hkv = num_kv_heads
     if out is None:
-        out = torch.zeros(T, Hq, v_buffer.shape[2], dtype=q.dtype, device=q.device)
+        out = torch.zeros(T, Hq, arena_v.shape[1], dtype=q.dtype, device=q.device)
     qo = qo_indptr.tolist()
     kin = kept_indptr.tolist()
     for r in range(len(qo) - 1):
@@ -400,15 +421,21 @@ def tca_sparse_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indic
             continue
         p0 = int(q_start_pos[r])
         L = p0 + (e - s)
-        slots = req_to_token[int(req_pool_indices[r]), :L].long()
-        k = k_buffer[slots].transpose(0, 1)                       # [Hkv, L, D]
-        v = v_buffer[slots].transpose(0, 1)
+        dense = dense_base + l2d[req_to_token[int(req_pool_indices[r]), :L].long()].long()[None, :] * Hkv \
+            + torch.arange(Hkv, device=q.device)[:, None]                            # [Hkv, L] dense rows
         keep = torch.ones(Hkv, L, dtype=torch.bool, device=q.device)
-        keep[:, block:max(block, dense_start(L, block, window))] = False
+        if L >= block:                                                               # the sink is in the store
+            keep[:, :dense_start(L, block, window)] = False
+        rows = dense.clone()
         for h in range(Hkv):
-            lst = kept_pos[kin[r * Hkv + h]:kin[r * Hkv + h + 1]].long()
-            keep[h, lst[lst < L]] = True
+            lo, hi = kin[r * Hkv + h], kin[r * Hkv + h + 1]
+            pos = kept_pos[lo:hi].long()
+            rows[h, pos] = kept_row[lo:hi].long()
+            keep[h, pos] = True
+        k = arena_k[rows]                                                            # [Hkv, L, D]
+        v = arena_v[rows]
         qpos = torch.arange(p0, L, device=q.device)
-        mask = visible(keep, qpos, L, p)
+        mask = visible(keep, qpos, L, p) if L >= block else \
+            (torch.arange(L, device=q.device)[None, None, :] <= qpos[None, :, None]).expand(Hkv, -1, -1)
         out[s:e] = masked_attention(q[s:e].transpose(0, 1), k, v, mask, sm_scale).transpose(0, 1).to(out.dtype)
     return out

@@ -1,0 +1,130 @@
+"""Building TCA's memory side inside SGLang's KV-cache configurator (called from the patches in patches/).
+
+SGLang profiles the free GPU memory and sizes a dense KV pool of `max_total_num_tokens`; with --attention-backend tca
+the same byte budget is split by `sizing.plan_memory` into TCA's dense pool, compressed store and tables, and
+SGLang builds TCA's pool and allocator instead of its own. One plan per configurator (the target worker's).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from sglang_tca.config import load_runtime
+from sglang_tca.serving.sizing import MemoryPlan, ModelDims, SizingError, block_reserve_pages, plan_memory
+
+logger = logging.getLogger(__name__)
+
+_PLANS: dict[int, MemoryPlan] = {}        # id(KVCacheConfigurator) -> its plan (the configurator has __slots__)
+
+
+def uses_tca(configurator) -> bool:
+    from sglang_tca.plugin import BACKEND_NAME
+
+    return getattr(configurator.server_args, "attention_backend", None) == BACKEND_NAME
+
+
+def _rank_budgets(configurator):
+    from sglang.srt.runtime_context import get_parallel
+
+    rt = load_runtime(configurator.server_args.model_path)
+    par = get_parallel()
+    return rt, rt.for_rank(par.attn_tp_rank, par.attn_tp_size)
+
+
+def max_keep_per_head(budgets, policy: str) -> list[list[int]]:
+    """The largest keep count each (layer, KV head) can reach: its thresholds at n_eff = b (the metric's maximum);
+    none under the "streaming" policy."""
+    if policy == "streaming":
+        return np.zeros(budgets.thresholds.shape[:2], dtype=np.int64).tolist()
+    reach = (budgets.thresholds <= budgets.block).sum(-1)
+    return (2 ** reach).tolist()
+
+
+def plan_for(configurator, config) -> MemoryPlan:
+    """The plan for SGLang's resolved MemoryPoolConfig `config` (its max_total_num_tokens is the dense budget)."""
+    if configurator.post_capture_kv_active:
+        raise SizingError("TCA does not support post-capture KV sizing (SGLANG_ENABLE_POST_CAPTURE_KV_SIZING)")
+    if configurator.is_draft_worker:
+        raise SizingError("TCA does not support speculative decoding")
+    rt, budgets = _rank_budgets(configurator)
+    mc, sa = configurator.model_config, configurator.server_args
+    from sglang.srt.runtime_context import get_parallel
+
+    dims = ModelDims(layers=configurator.layer_info.num_effective_layers,
+                     kv_heads=mc.get_num_kv_heads(get_parallel().attn_tp_size), head_dim=mc.head_dim,
+                     v_head_dim=mc.v_head_dim, dtype_bytes=torch._utils._element_size(configurator.kv_cache_dtype))
+    share = 0.0 if rt.policy == "streaming" else float(budgets.rho.mean())
+    decode_graph = sa.cuda_graph_config.decode
+    graph_bs = 0 if str(decode_graph.backend).lower().endswith("disabled") else int(decode_graph.max_bs or 0)
+    plan = plan_memory(
+        dims, budget_bytes=int(config.max_total_num_tokens) * dims.cell, block=rt.block, window=rt.window,
+        expected_share=share, block_reserve=block_reserve_pages(dims, rt.block, max_keep_per_head(budgets, rt.policy)),
+        context_len=mc.context_len, graph_max_bs=graph_bs, chunk_tokens=max(int(sa.chunked_prefill_size or 0), 1),
+        max_requests=int(config.max_running_requests), dense_tokens=rt.config.dense_tokens,
+        dense_requests=sa.max_running_requests)
+    logger.info(plan.summary(int(config.max_total_num_tokens)))
+    return plan
+
+
+def remember_plan(configurator, plan: MemoryPlan) -> None:
+    _PLANS[id(configurator)] = plan
+
+
+def build_pool(configurator):
+    from sglang_tca.serving.pool import TCAKVPool
+
+    return TCAKVPool(_PLANS[id(configurator)], dtype=configurator.kv_cache_dtype, device=configurator.device)
+
+
+def build_allocator(configurator, pool, req_to_token_pool):
+    from sglang_tca.serving.allocator import TCATokenToKVPoolAllocator
+    from sglang_tca.serving.store import CompressedStore
+
+    plan = _PLANS.pop(id(configurator))
+    store = CompressedStore(plan, configurator.device, chunk_tokens=int(configurator.server_args.chunked_prefill_size),
+                            reduce_max=tp_reduce_max())
+    return TCATokenToKVPoolAllocator(plan, pool, store, req_to_token_pool, dtype=configurator.kv_cache_dtype,
+                                     device=configurator.device)
+
+
+def tp_reduce_max():
+    """Max over the attention tensor-parallel ranks of a host int array (identity on one rank): every rank then
+    keeps the same store pages for a record, so every host decision is the same on all ranks."""
+    from sglang.srt.runtime_context import get_parallel
+
+    if get_parallel().attn_tp_size == 1:
+        return None
+    group = get_parallel().attn_tp_group.cpu_group
+
+    def reduce(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+        return t.numpy()
+
+    return reduce
+
+
+def hybrid_swa_view(result):
+    """build_kv_cache's result with the flags that make SGLang's scheduler account logical ids and the dense pool
+    as its hybrid-SWA "full" and "swa" pools (the model runner itself stays non-SWA)."""
+    import dataclasses
+
+    from sglang_tca.serving.allocator import TCATokenToKVPoolAllocator
+
+    alloc = result.token_to_kv_pool_allocator
+    if not isinstance(alloc, TCATokenToKVPoolAllocator):
+        return result
+    plan = alloc.store.plan
+    return dataclasses.replace(result, is_hybrid_swa=True, sliding_window_size=plan.window + plan.block,
+                               full_tokens_per_layer=plan.logical_tokens, swa_tokens_per_layer=plan.dense_tokens)
+
+
+SWA_EVICTION_INTERVAL = "32"    # decode steps between frees of dense slots that left the window (SGLang: 128)
+
+
+def set_scheduler_env(environ=os.environ) -> None:
+    """Environment for SGLang's scheduler processes under TCA (inherited by the spawned processes)."""
+    environ.setdefault("SGLANG_SWA_EVICTION_INTERVAL", SWA_EVICTION_INTERVAL)

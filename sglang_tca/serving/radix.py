@@ -1,0 +1,54 @@
+"""TCA's prefix cache: SGLang's own radix cache for hybrid sliding-window models, with the dense window of TCA.
+
+Registered as the radix-cache backend "tca" (`--radix-cache-backend tca`, set by the plugin). With the radix cache
+on it is SGLang's UnifiedRadixCache with the FULL (logical ids, which name the compressed records) and SWA (dense
+slots) components and sliding window W = window + block; with --disable-radix-cache, SGLang's SWAChunkCache.
+
+What this gives, unchanged from SGLang's hybrid-SWA semantics:
+  * a node whose dense slots were freed keeps its logical ids (a tombstone): its blocks stay readable compressed;
+  * a prefix matches only where the W tokens before the match point are still dense, which is exactly what the
+    next query needs (its dense window [dense_start(m + 1), m) lies inside them), so a request that reuses a cached
+    prefix computes what a fresh request would (prefix purity makes the cached records equal to fresh ones);
+  * a finished request inserts its whole sequence with the last window dense, so a conversation's next turn reuses
+    everything up to the last full block;
+  * under dense pressure the least recently used windows are tombstoned first, under store pressure (the
+    allocator reports it as logical pressure) the least recently used leaves are evicted with their records.
+`sanity_check` adds the store's own invariants (no page lost or doubly owned; at idle, a record exactly for every
+cached logical page).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from sglang.srt.mem_cache.chunk_cache import SWAChunkCache
+from sglang.srt.mem_cache.unified_cache.components import ComponentType
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+
+class TCARadixCache(UnifiedRadixCache):
+    def sanity_check(self):
+        super().sanity_check()
+        store = self.token_to_kv_pool_allocator.store
+        if self.protected_size() == 0 and not store.pending:        # idle: the tree holds every live record
+            store.check(cached_logical_pages(self))
+        else:
+            store.check()
+
+
+def cached_logical_pages(tree: UnifiedRadixCache) -> np.ndarray:
+    """The logical pages the radix tree holds (a host copy, for the idle check)."""
+    values = tree.all_values_flatten()
+    return torch.unique(values // tree.page_size).cpu().numpy() if values.numel() else np.zeros(0, dtype=np.int64)
+
+
+def create_tree_cache(ctx):
+    """The registered factory (sglang.srt.mem_cache.registry.RadixCacheFactory)."""
+    allocator = ctx.params.token_to_kv_pool_allocator
+    window = allocator.store.plan.window + allocator.store.plan.block
+    params = dataclasses.replace(ctx.params, sliding_window_size=window,
+                                 tree_components=(ComponentType.FULL, ComponentType.SWA))
+    if ctx.disable_radix_cache:
+        return SWAChunkCache(params)
+    return TCARadixCache(params)

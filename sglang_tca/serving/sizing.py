@@ -1,0 +1,205 @@
+"""How a TCA server splits SGLang's KV byte budget (pure arithmetic, no torch, testable on CPU).
+
+SGLang sizes its KV pool as `budget / cell` tokens, cell = layers x KV heads x (D + Dv) x dtype bytes. TCA spends the
+same budget on four parts (one KV head row = D or Dv elements of one (layer, KV head, token)):
+
+  dense pool       `dense_tokens` slots x cell: the sink and window of running requests, prefill chunks in flight,
+                   and the windows the radix cache keeps (SGLang's hybrid-SWA "swa" pool, freed out of window);
+  compressed store `heap_pages` pages of `page_rows` K and V rows: the kept rows of every completed block;
+  tables           per logical page (= one block of `block` tokens): its keep masks, row offsets, page list and
+                   row cursor, plus SGLang's logical->dense map (8 bytes per logical token);
+  fixed buffers    the decode kept-row list (CUDA-graph batch x context x KV heads) and the per-step page
+                   reservations.
+
+Logical token ids (SGLang's "full" pool) cost only their table bytes, so there are more of them than the store holds
+at the expected kept share (`LOGICAL_SLACK`): the store, not the ids, is what runs out, and the scheduler sees the
+store through `CompressedStore.token_capacity`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ROWS_PER_PAGE = 64         # rows of one compressed-store page
+LOGICAL_SLACK = 2.0        # logical ids per token the store holds at the expected share (actual shares may be lower)
+MAX_LOGICAL_PER_DENSE = 8  # at most this many logical ids per dense token of the budget (their tables cost memory)
+DEFAULT_DENSE_SHARE = 0.15  # share of the budget for the dense pool unless --tca-dense-tokens / max running requests say
+
+
+class SizingError(ValueError):
+    """The KV budget cannot hold a working TCA memory split; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    layers: int
+    kv_heads: int          # on this tensor-parallel rank
+    head_dim: int
+    v_head_dim: int
+    dtype_bytes: int
+
+    @property
+    def cell(self) -> int:
+        """Bytes of one dense token (all layers, K and V)."""
+        return self.layers * self.kv_heads * (self.head_dim + self.v_head_dim) * self.dtype_bytes
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one K row plus one V row."""
+        return (self.head_dim + self.v_head_dim) * self.dtype_bytes
+
+    @property
+    def rows_per_block(self) -> int:
+        """Rows of a block that keeps everything (the sink): block tokens x layers x KV heads / block tokens."""
+        return self.layers * self.kv_heads
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    dims: ModelDims
+    block: int
+    window: int
+    dense_tokens: int       # dense pool slots (a multiple of block), padding page not included
+    heap_pages: int         # compressed-store pages, the trash page 0 included
+    logical_tokens: int     # logical ids (a multiple of block), padding page not included
+    max_pages_per_record: int   # page-table width: the pages the largest record (the sink) can need
+    block_reserve_pages: int    # pages reserved for a completing block before its kept count is known
+    expected_share: float       # mean kept share of a compressed block (budgets' rho, policy applied)
+    decode_kept_rows: int       # capacity of the decode kept-row list
+    reservation_rows: int       # rows of the per-step page-reservation table
+    budget_bytes: int
+    page_rows: int = ROWS_PER_PAGE
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one compressed-store page (page_rows K rows and V rows)."""
+        return self.page_rows * self.dims.row_bytes
+
+    @property
+    def sink_pages(self) -> int:
+        """Pages of the sink's record, which keeps every row of its block."""
+        return math.ceil(self.dims.rows_per_block * self.block / self.page_rows)
+
+    @property
+    def logical_pages(self) -> int:
+        return self.logical_tokens // self.block
+
+    @property
+    def table_bytes_per_logical_page(self) -> int:
+        d = self.dims
+        masks_offsets = d.layers * d.kv_heads * (8 + 4)
+        return masks_offsets + 4 * self.max_pages_per_record + 4 + 8 * self.block
+
+    @property
+    def dense_bytes(self) -> int:
+        return (self.dense_tokens + self.block) * self.dims.cell
+
+    @property
+    def heap_bytes(self) -> int:
+        return self.heap_pages * self.page_bytes
+
+    @property
+    def table_bytes(self) -> int:
+        return (self.logical_pages + 1) * self.table_bytes_per_logical_page
+
+    @property
+    def fixed_bytes(self) -> int:
+        return 4 * self.decode_kept_rows + 4 * self.reservation_rows * self.max_pages_per_record
+
+    @property
+    def total_bytes(self) -> int:
+        return self.dense_bytes + self.heap_bytes + self.table_bytes + self.fixed_bytes
+
+    @property
+    def nominal_pages_per_block(self) -> float:
+        """Pages a compressed block takes at the expected share (half a page of fragmentation)."""
+        return self.dims.rows_per_block * self.block * self.expected_share / self.page_rows + 0.5
+
+    @property
+    def expected_store_tokens(self) -> int:
+        """Tokens of compressed blocks the store holds at the expected kept share."""
+        return int((self.heap_pages - 1) / self.nominal_pages_per_block * self.block)
+
+    @property
+    def arena_rows(self) -> int:
+        """Rows of the K (and of the V) arena: the store's pages, then every layer's dense slots x KV heads."""
+        return self.heap_pages * self.page_rows + self.dims.layers * (self.dense_tokens + self.block) * self.dims.kv_heads
+
+    def dense_base(self, layer: int) -> int:
+        """First arena row of `layer`'s dense buffer ([dense slots + padding page, KV heads] rows)."""
+        return self.heap_pages * self.page_rows + layer * (self.dense_tokens + self.block) * self.dims.kv_heads
+
+    def summary(self, dense_equivalent_tokens: int) -> str:
+        gib = 2 ** 30
+        return (f"TCA KV memory: dense pool {self.dense_bytes / gib:.2f} GiB ({self.dense_tokens} tokens: sinks, "
+                f"windows, prefill chunks in flight), compressed store {self.heap_bytes / gib:.2f} GiB "
+                f"({self.heap_pages} pages; about {self.expected_store_tokens} tokens at the budgets' expected kept "
+                f"share {self.expected_share:.3f}), tables and buffers {(self.table_bytes + self.fixed_bytes) / gib:.2f}"
+                f" GiB ({self.logical_tokens} logical token ids); the same budget holds {dense_equivalent_tokens} "
+                f"dense tokens")
+
+
+def block_reserve_pages(dims: ModelDims, block: int, max_keep_per_head: list[list[int]] | None,
+                        page_rows: int = ROWS_PER_PAGE) -> int:
+    """Pages a compressed block j >= 1 can need at most: its heads' largest reachable keep counts (from the budgets'
+    thresholds, policy applied), summed over layers and KV heads."""
+    if max_keep_per_head is None:
+        rows = dims.rows_per_block * block
+    else:
+        rows = sum(sum(h) for h in max_keep_per_head)
+    return math.ceil(rows / page_rows)
+
+
+def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, expected_share: float,
+                block_reserve: int, context_len: int, graph_max_bs: int, chunk_tokens: int, max_requests: int,
+                dense_tokens: int | None = None, dense_requests: int | None = None,
+                dense_share: float = DEFAULT_DENSE_SHARE, page_rows: int = ROWS_PER_PAGE) -> MemoryPlan:
+    """Split `budget_bytes` (SGLang's KV budget) into dense pool, compressed store, tables and fixed buffers.
+
+    max_requests: SGLang's request rows (bounds the blocks one forward can complete). The dense pool is
+    `dense_tokens` if given; else, with `dense_requests` (the user's --max-running-requests), enough for that many
+    windows plus two prefill chunks; else `dense_share` of the budget. It is never smaller than two prefill chunks
+    plus four windows (a request must be able to run). Raises SizingError when the budget is too small."""
+    if not 0.0 <= expected_share <= 1.0:
+        raise SizingError(f"expected kept share must be in [0, 1], got {expected_share}")
+    window_slack = window + 2 * block + 128                 # window, its partial block, SWA eviction interval
+    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * window_slack, block)
+    if dense_tokens is None:
+        if dense_requests is not None:
+            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * window_slack
+        else:
+            dense_tokens = int(dense_share * budget_bytes / dims.cell)
+    dense_tokens = max(_round_up(dense_tokens, block), min_dense)
+    max_pages = max(math.ceil(dims.rows_per_block * block / page_rows), block_reserve)
+    reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1)
+    decode_kept_rows = graph_max_bs * context_len * dims.kv_heads
+
+    def plan(heap_pages: int, logical_tokens: int) -> MemoryPlan:
+        return MemoryPlan(dims, block, window, dense_tokens, heap_pages, logical_tokens, max_pages, block_reserve,
+                          expected_share, decode_kept_rows, reservation_rows, budget_bytes, page_rows)
+
+    # Logical ids scale with the store: LOGICAL_SLACK x the tokens it holds at the expected share, plus the dense pool.
+    # Near-zero shares (streaming) would ask for ids whose tables outweigh the store: cap them.
+    probe = plan(1, 0)
+    rest = budget_bytes - probe.dense_bytes - probe.fixed_bytes - probe.table_bytes_per_logical_page
+    nominal = max(probe.nominal_pages_per_block, 1.0)
+    max_logical = MAX_LOGICAL_PER_DENSE * budget_bytes // dims.cell
+    logical_per_page = min(LOGICAL_SLACK / nominal, max_logical / block / max(rest // probe.page_bytes, 1))
+    per_page = probe.page_bytes + logical_per_page * probe.table_bytes_per_logical_page
+    heap_pages = int(rest // per_page)
+    if heap_pages < 2 * max_pages + 1:
+        raise SizingError(f"the KV budget ({budget_bytes / 2**30:.2f} GiB) leaves no room for TCA's compressed store "
+                          f"after a dense pool of {dense_tokens} tokens; raise --mem-fraction-static, lower "
+                          f"--chunked-prefill-size or --cuda-graph-max-bs, or set --tca-dense-tokens")
+    logical_tokens = min(_round_up(int(logical_per_page * heap_pages) * block + dense_tokens, block),
+                         max_logical // block * block)
+    out = plan(heap_pages, logical_tokens)
+    while out.total_bytes > budget_bytes and out.heap_pages > 2 * max_pages + 1:   # rounding: shave pages
+        out = plan(out.heap_pages - 1, out.logical_tokens)
+    if out.arena_rows >= 2 ** 31:
+        raise SizingError(f"the KV arena would have {out.arena_rows} rows; the kernels index rows with int32")
+    return out
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-int(x) // m) * m

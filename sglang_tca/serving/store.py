@@ -1,0 +1,213 @@
+"""The compressed store: where the kept K/V rows of completed blocks live, and its host-side accounting.
+
+A block of `block` tokens is one logical page (SGLang's "full" pool runs with page size = block), so a block is
+named by its logical page id P. When the forward pass processes a block's last token it selects the block (one
+keep mask per layer and KV head) and compacts it (kernels/compaction.py): the kept rows of every (layer, KV head) are
+copied, in order, to consecutive "virtual rows" of record P, which live in store pages of `plan.page_rows` rows listed in
+page_table[P]. The block's dense slots are freed later by SGLang's hybrid-SWA rules once the block has left the
+window. The sink (block 0) is a record that keeps everything.
+
+The host decides everything that the scheduler sees (rank-uniform by construction):
+  * Before a forward (`begin_forward`), each block that will complete in it gets the worst case of pages from the
+    host free list (`reserve_pages`), so the forward never runs out of pages; the pages go to the device.
+  * After the forward (`settle`, from SGLang's result processing, after the forward finished), the host reads how
+    many rows each new record used, reduced with max over tensor-parallel ranks (`reduce_max`), keeps that many pages
+    for the record and returns the rest.
+  * When SGLang frees logical pages (`release`, from the logical allocator), their records' pages return. A record
+    freed before its forward settled (a request retracted right after its launch) is recognised by the launch epoch.
+  * `token_capacity` converts free pages into the logical tokens the scheduler may still admit: pages in use are
+    counted exactly, pages of blocks not yet completed at the expected share, and the worst case of the next
+    forwards is held back.
+Invariants (`check`): free + held by records + reserved == all pages; at idle the live records are exactly the
+logical pages the radix cache holds.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sglang_tca.serving.sizing import MemoryPlan
+
+
+class StoreExhausted(RuntimeError):
+    """The store has fewer free pages than a forward's worst case: the admission accounting failed to hold them."""
+
+
+@dataclass
+class Pending:
+    """One launched forward's new records: their reserved pages, and the device rows they used (read back)."""
+    epoch: int
+    reserved: list[np.ndarray]                 # per new record, its reserved page ids
+    readback: tuple | None = None              # (event, pinned pages [n] int64, pinned rows [n] int32)
+    slots: list[int] = field(default_factory=list)   # reservation-table rows of the new records
+
+
+class CompressedStore:
+    def __init__(self, plan: MemoryPlan, device: str | torch.device, *, chunk_tokens: int,
+                 reduce_max: Callable[[np.ndarray], np.ndarray] | None = None, sink_always: bool = True):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.block = plan.block
+        self.reduce_max = reduce_max or (lambda x: x)
+        self.chunk_blocks = max(chunk_tokens, plan.block) // plan.block + 1
+        n_lp = plan.logical_pages + 1                      # logical page 0 is SGLang's padding page
+        d = plan.dims
+        # device tables, indexed by logical page
+        self.mask = torch.zeros(n_lp, d.layers, d.kv_heads, dtype=torch.int64, device=self.device)
+        self.off = torch.zeros(n_lp, d.layers, d.kv_heads, dtype=torch.int32, device=self.device)
+        self.cursor = torch.zeros(n_lp, dtype=torch.int32, device=self.device)
+        self.page_table = torch.zeros(n_lp, plan.max_pages_per_record, dtype=torch.int32, device=self.device)
+        # per-forward reservation table (static, so decode CUDA graphs read it) and what the last layer reports
+        self.res_pages = torch.zeros(plan.reservation_rows, plan.max_pages_per_record, dtype=torch.int32,
+                                     device=self.device)
+        self.out_page = torch.zeros(plan.reservation_rows, dtype=torch.int64, device=self.device)
+        self.out_rows = torch.zeros(plan.reservation_rows, dtype=torch.int32, device=self.device)
+        self.clear()
+
+    # -- host state -------------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        n_lp = self.plan.logical_pages + 1
+        self.free = list(range(self.plan.heap_pages - 1, 0, -1))    # a stack; page 0 is the trash page
+        self.rec_pages = [None] * n_lp                              # host page list of each settled live record
+        self.alive = np.zeros(n_lp, dtype=bool)                      # settled live records (0 pages allowed)
+        self.freed_epoch = np.full(n_lp, -1, dtype=np.int64)
+        self.launches = 0
+        self.n_records = 0                                           # live records, pending ones included
+        self.pending: deque[Pending] = deque()
+
+    @property
+    def free_pages(self) -> int:
+        return len(self.free)
+
+    @property
+    def reserved_pages(self) -> int:
+        return sum(len(r) for p in self.pending for r in p.reserved)
+
+    @property
+    def record_pages(self) -> int:
+        return sum(len(r) for r in self.rec_pages if r is not None)
+
+    def pages_for(self, first_block: Sequence[bool]) -> list[int]:
+        """Worst-case pages of new records: the sink keeps everything, other blocks their heads' largest counts."""
+        return [self.plan.sink_pages if is_sink else self.plan.block_reserve_pages for is_sink in first_block]
+
+    # -- a forward's life -------------------------------------------------------------------------------------------
+    def begin_forward(self, first_block: Sequence[bool], slots: Sequence[int]) -> Pending | None:
+        """Reserve pages for the records that complete in the next forward (one per block; `first_block` marks
+        sinks) and write them to rows `slots` of the device reservation table. None when there are none."""
+        if not first_block:
+            return None
+        need = self.pages_for(first_block)
+        if sum(need) > len(self.free):
+            raise StoreExhausted(f"TCA compressed store: a forward needs up to {sum(need)} pages, {len(self.free)} are "
+                                 f"free; the admission accounting should have held them back (a bug; please report)")
+        self.launches += 1
+        reserved = []
+        for n in need:
+            reserved.append(np.array(self.free[-n:][::-1] if n else [], dtype=np.int32))
+            del self.free[len(self.free) - n:]
+        self.n_records += len(reserved)
+        table = np.zeros((len(reserved), self.plan.max_pages_per_record), dtype=np.int32)
+        for i, r in enumerate(reserved):
+            table[i, :len(r)] = r
+        idx = torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        if self.device.type == "cuda":
+            self.res_pages.index_copy_(0, idx.pin_memory().to(self.device, non_blocking=True),
+                                       torch.from_numpy(table).pin_memory().to(self.device, non_blocking=True))
+        else:
+            self.res_pages.index_copy_(0, idx, torch.from_numpy(table))
+        pending = Pending(self.launches, reserved, slots=list(slots))
+        self.pending.append(pending)
+        return pending
+
+    def end_forward(self, pending: Pending | None) -> None:
+        """After the forward's kernels were enqueued: copy what the last layer reported to the host, asynchronously
+        (on the current stream; `settle` waits for it)."""
+        if pending is None:
+            return
+        idx = torch.as_tensor(pending.slots, dtype=torch.int64, device=self.device)
+        pages, rows = self.out_page.index_select(0, idx), self.out_rows.index_select(0, idx)
+        if self.device.type == "cuda":
+            hp = torch.empty(pages.shape, dtype=pages.dtype, pin_memory=True)
+            hr = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            hp.copy_(pages, non_blocking=True)
+            hr.copy_(rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            pending.readback = (event, hp, hr)
+        else:
+            pending.readback = (None, pages.clone(), rows.clone())
+
+    def settle(self, pending: Pending | None) -> None:
+        """Once `pending`'s forward has finished: keep each new record's used pages, return the rest."""
+        if pending is None:
+            return
+        assert self.pending and self.pending[0] is pending, "forwards must settle in launch order"
+        self.pending.popleft()
+        event, pages, rows = pending.readback
+        if event is not None:
+            event.synchronize()
+        pages = pages.numpy().astype(np.int64)
+        used = np.ceil(self.reduce_max(rows.numpy().astype(np.int64)) / self.plan.page_rows).astype(np.int64)
+        for p, u, res in zip(pages, used, pending.reserved):
+            if u > len(res):
+                raise RuntimeError(f"TCA record {p} used {u} pages, {len(res)} were reserved (a bug; please report)")
+            if self.freed_epoch[p] >= pending.epoch:          # freed after its launch: nothing stays
+                self.free.extend(res[::-1].tolist())
+                self.n_records -= 1
+                continue
+            if self.alive[p]:
+                raise RuntimeError(f"TCA logical page {p} got a second record (a bug; please report)")
+            self.alive[p] = True
+            self.rec_pages[p] = res[:u]
+            self.free.extend(res[u:][::-1].tolist())
+
+    def release(self, logical_pages: np.ndarray) -> None:
+        """SGLang freed these logical pages: their records (if any) give their pages back."""
+        for p in np.asarray(logical_pages, dtype=np.int64).reshape(-1):
+            self.freed_epoch[p] = self.launches
+            if self.alive[p]:
+                self.alive[p] = False
+                self.free.extend(self.rec_pages[p][::-1].tolist())
+                self.rec_pages[p] = None
+                self.n_records -= 1
+
+    # -- what the scheduler may admit -------------------------------------------------------------------------------
+    def token_capacity(self, logical_pages_in_use: int, request_rows_in_use: int) -> int:
+        """Logical tokens the scheduler may still admit: free pages, minus the expected pages of blocks already
+        allocated but not yet completed, minus the worst case (above the expected share) of every block the next
+        forwards may complete (one per running request, plus a prefill chunk's), at the expected share."""
+        nominal = self.plan.nominal_pages_per_block
+        open_blocks = max(logical_pages_in_use - self.n_records, 0)
+        extra = max(self.plan.block_reserve_pages, self.plan.sink_pages) - nominal
+        held = open_blocks * nominal + (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
+        spare = len(self.free) - held
+        return max(int(spare / max(nominal, 1e-9)), 0) * self.block
+
+    # -- checks -----------------------------------------------------------------------------------------------------
+    def check(self, live_logical_pages: np.ndarray | None = None) -> None:
+        """Raise AssertionError when pages are lost or doubly owned; with `live_logical_pages` (at idle: the pages the
+        radix cache holds), also when a live record is not among them or a held full page has no record."""
+        total = self.plan.heap_pages - 1
+        owned = self.free_pages + self.record_pages + self.reserved_pages
+        assert owned == total, f"TCA store pages: {self.free_pages} free + {self.record_pages} in records + " \
+                               f"{self.reserved_pages} reserved != {total}"
+        seen = np.zeros(self.plan.heap_pages, dtype=np.int64)
+        for pages in [np.asarray(self.free, dtype=np.int64)] + [r for r in self.rec_pages if r is not None] + \
+                [r for p in self.pending for r in p.reserved]:
+            np.add.at(seen, np.asarray(pages, dtype=np.int64), 1)
+        assert seen[0] == 0 and (seen[1:] == 1).all(), "TCA store: a page is lost or owned twice"
+        assert self.n_records == int(self.alive.sum()) + sum(len(p.reserved) for p in self.pending), \
+            "TCA store: record count drifted"
+        if live_logical_pages is not None:
+            live = np.zeros_like(self.alive)
+            live[np.asarray(live_logical_pages, dtype=np.int64)] = True
+            assert not (self.alive & ~live).any(), \
+                f"TCA store: records of freed logical pages {np.flatnonzero(self.alive & ~live)[:8].tolist()}"
+            assert not (live & ~self.alive).any(), \
+                f"TCA store: cached logical pages without a record {np.flatnonzero(live & ~self.alive)[:8].tolist()}"

@@ -1,0 +1,227 @@
+"""The server's TCA pipeline on freed memory, end to end on CPU (Triton kernels under the interpreter):
+select_blocks -> compact_blocks -> kept_lists -> tca_sparse_attention over the compressed store and the dense pool,
+forward by forward, against the reference (sglang_tca.algorithm). The dense slots of blocks that left the window are
+freed as SGLang's hybrid-SWA rules free them, poisoned with NaN and handed to later tokens, so any read of a dropped
+or freed key shows; the store's accounting settles after every forward and is checked."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_tca.algorithm import masked_attention, select, visible
+from sglang_tca.kernels.compaction import compact_blocks
+from sglang_tca.kernels.kept_lists import kept_lists
+from sglang_tca.kernels.sparse_attention import tca_sparse_attention
+from sglang_tca.params import TCAParams, dense_start
+from sglang_tca.serving.selection import block_end_rows, select_blocks
+from sglang_tca.serving.sizing import MemoryPlan, ModelDims
+from sglang_tca.serving.store import CompressedStore
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+B, W, LAYERS, HQ, HKV, D = 8, 32, 2, 4, 2, 16
+PAGE_ROWS = 8                          # small store pages, so records span pages and reservations get refunds
+SWA_WINDOW = W + B                     # what the server gives SGLang's hybrid-SWA machinery
+
+
+def thresholds(seed=0):
+    """[layers, Hkv, Kn-1] per-head thresholds on n_eff that keep different amounts per layer and head."""
+    kn = int(math.log2(B)) + 1
+    base = torch.linspace(1.5, 7.0, kn - 1)
+    return torch.stack([torch.stack([base * (0.6 + 0.25 * h + 0.3 * l) for h in range(HKV)]) for l in range(LAYERS)])
+
+
+def keep_all_thresholds():
+    return torch.full((LAYERS, HKV, int(math.log2(B))), -math.inf)
+
+
+def make_plan(logical_pages=80, dense_pages=40, heap_pages=200, reservation_rows=64):
+    dims = ModelDims(LAYERS, HKV, D, D, 4)
+    return MemoryPlan(dims, B, W, dense_pages * B, heap_pages, logical_pages * B,
+                      max_pages_per_record=LAYERS * HKV * B // PAGE_ROWS,
+                      block_reserve_pages=LAYERS * HKV * B // PAGE_ROWS, expected_share=0.5,
+                      decode_kept_rows=0, reservation_rows=reservation_rows, budget_bytes=0, page_rows=PAGE_ROWS)
+
+
+class FakeServer:
+    """Logical pages, dense pages (one per block, as SGLang's paged hybrid-SWA allocator with page size = block),
+    the logical->dense map, req_to_token and the arena, driven like the backend drives them."""
+
+    def __init__(self, thr, policy="tca", rows=4, ctx=512, seed=0, **plan_kw):
+        self.plan = make_plan(**plan_kw)
+        self.store = CompressedStore(self.plan, "cpu", chunk_tokens=64)
+        g = torch.Generator().manual_seed(seed)
+        self.free_lp = (torch.randperm(self.plan.logical_pages, generator=g) + 1).tolist()
+        self.free_dp = (torch.randperm(self.plan.dense_tokens // B, generator=g) + 1).tolist()
+        self.arena_k = torch.full((self.plan.arena_rows, D), float("nan"))
+        self.arena_v = torch.full((self.plan.arena_rows, D), float("nan"))
+        self.l2d = torch.zeros(self.plan.logical_tokens + B + 1, dtype=torch.int64)
+        self.r2t = torch.zeros(rows, ctx, dtype=torch.int32)
+        self.len = [0] * rows
+        self.dense_from = [0] * rows            # positions below this have their dense slots freed
+        self.owned_from = [0] * rows            # positions below this belong to another request (shared prefix)
+        self.thr, self.policy = thr, policy
+        self.p = TCAParams(B, W, policy=policy)
+        self.seqs = {}                          # row -> (q, k, v) of every layer, [layers, heads, ctx, D]
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def dense_k(self, layer):
+        b = self.plan.dense_base(layer)
+        return self.arena_k[b:b + (self.plan.dense_tokens + B) * HKV].view(-1, HKV, D)
+
+    def dense_v(self, layer):
+        b = self.plan.dense_base(layer)
+        return self.arena_v[b:b + (self.plan.dense_tokens + B) * HKV].view(-1, HKV, D)
+
+    def new_sequence(self, row, n_max=400):
+        g = self.gen
+        self.seqs[row] = (torch.randn(LAYERS, HQ, n_max, D, generator=g), torch.randn(LAYERS, HKV, n_max, D, generator=g) * 2,
+                          torch.randn(LAYERS, HKV, n_max, D, generator=g))
+
+    def share_prefix(self, src, dst, m):
+        """Request `dst` starts with the first m tokens (a multiple of the block) of `src`: a radix-cache hit."""
+        assert m % B == 0
+        q, k, v = self.seqs[src]
+        self.seqs[dst] = tuple(x.clone() for x in (q, k, v))
+        self.gen.manual_seed(dst + 99)
+        for x, scale in zip(self.seqs[dst], (1, 2, 1)):                 # new tokens after the prefix
+            x[:, :, m:] = torch.randn(x[:, :, m:].shape, generator=self.gen) * scale
+        self.r2t[dst, :m] = self.r2t[src, :m]
+        self.len[dst], self.dense_from[dst], self.owned_from[dst] = m, self.dense_from[src], m
+
+    def _alloc(self, row, start, n):
+        for t in range(start, start + n):
+            if t % B == 0:
+                lp, dp = self.free_lp.pop(), self.free_dp.pop()
+                self._pages = getattr(self, "_pages", {})
+                self._pages[(row, t // B)] = (lp, dp)
+            lp, dp = self._pages[(row, t // B)]
+            self.r2t[row, t] = lp * B + t % B
+            self.l2d[lp * B + t % B] = dp * B + t % B
+
+    def free_out_of_window(self, row):
+        """SGLang's rule: a request keeps the last SWA_WINDOW tokens dense (at page granularity)."""
+        upto = (max(self.len[row] - SWA_WINDOW, 0) // B) * B
+        for t0 in range(max(self.dense_from[row], self.owned_from[row]), upto, B):
+            lids = self.r2t[row, t0:t0 + B].long()
+            slots = self.l2d[lids]
+            for l in range(LAYERS):
+                self.dense_k(l)[slots] = float("nan")
+                self.dense_v(l)[slots] = float("nan")
+            self.l2d[lids] = 0
+            self.free_dp.insert(0, int(slots[0]) // B)
+        self.dense_from[row] = max(self.dense_from[row], upto)
+
+    def forward(self, batch, decode=False):
+        """Run one forward over [(row, n_new_tokens)]; returns the max abs error against the reference."""
+        starts = [self.len[r] for r, _ in batch]
+        for (r, n), s in zip(batch, starts):
+            self._alloc(r, s, n)
+        pos = torch.cat([torch.arange(s, s + n) for (r, n), s in zip(batch, starts)])
+        rows_of = torch.cat([torch.full((n,), r) for r, n in batch])
+        loc = torch.cat([self.r2t[r, s:s + n].long() for (r, n), s in zip(batch, starts)])
+        ends, _ = block_end_rows(starts, [n for _, n in batch], B)
+        if decode:                                      # every row runs; the kernels skip rows that end no block
+            sel = torch.arange(len(batch))
+            slots = [i for i in ends]
+        else:
+            sel = torch.tensor(ends, dtype=torch.long)
+            slots = list(range(len(ends)))
+        pending = self.store.begin_forward([bool(pos[i] < B) for i in ends], slots)
+        rec_page = loc[sel] // B
+        slot_of = torch.tensor(slots if not decode else list(range(len(batch))), dtype=torch.int64)
+        if decode and pending is not None:
+            keep_rows = set(slots)
+            for i in range(len(batch)):                 # rows that end no block point at the trash page
+                if i not in keep_rows:
+                    self.store.res_pages[i] = 0
+        qo = torch.tensor([0] + [n for _, n in batch]).cumsum(0).int()
+        err = 0.0
+        for l in range(LAYERS):
+            q = torch.cat([self.seqs[r][0][l, :, s:s + n].transpose(0, 1) for (r, n), s in zip(batch, starts)])
+            k = torch.cat([self.seqs[r][1][l, :, s:s + n].transpose(0, 1) for (r, n), s in zip(batch, starts)])
+            v = torch.cat([self.seqs[r][2][l, :, s:s + n].transpose(0, 1) for (r, n), s in zip(batch, starts)])
+            dloc = self.l2d[loc]
+            self.dense_k(l)[dloc] = k
+            self.dense_v(l)[dloc] = v
+            select_blocks(q[sel].contiguous(), pos[sel], rec_page, self.l2d, self.dense_k(l), self.thr[l],
+                          self.store.mask, B, l, D ** -0.5, self.policy, torch.arange(HKV),
+                          valid=((pos[sel] + 1) % B == 0) if decode else None)
+            compact_blocks(self.arena_k, self.arena_v, self.l2d, rec_page, slot_of, self.store, l,
+                           self.plan.dense_base(l), B, positions=pos[sel] if decode else None)
+            last = torch.tensor([s + n - 1 for (r, n), s in zip(batch, starts)])
+            rows = torch.tensor([r for r, _ in batch])
+            cap = sum(s + n for (r, n), s in zip(batch, starts)) * HKV + 1
+            kept_row = torch.full((cap,), -1, dtype=torch.int32)
+            kept_pos = None if decode else torch.full((cap,), -1, dtype=torch.int32)
+            indptr = kept_lists(self.store, l, self.r2t, rows, last, W, kept_row, int(last.max()) + 1, kept_pos)
+            out = tca_sparse_attention(q, self.arena_k, self.arena_v, self.plan.dense_base(l), HKV, self.l2d,
+                                       self.r2t, rows, torch.tensor(starts), qo, indptr, kept_row, kept_pos, B, W,
+                                       D ** -0.5)
+            for i, ((r, n), s) in enumerate(zip(batch, starts)):
+                qf, kf, vf = (x[l, :, :s + n] for x in self.seqs[r])
+                keep, _ = select(qf, kf, self.thr[l], self.p, layer=l)
+                mask = visible(keep, torch.arange(s, s + n), s + n, self.p)
+                want = masked_attention(qf[:, s:], kf, vf, mask, D ** -0.5).transpose(0, 1)
+                err = max(err, float((out[qo[i]:qo[i + 1]] - want).abs().max()))
+        self.store.end_forward(pending)
+        self.store.settle(pending)
+        for (r, n) in batch:
+            self.len[r] += n
+            self.free_out_of_window(r)
+        self.store.check()
+        return err
+
+
+@pytest.mark.parametrize("policy", ["tca", "random", "streaming"])
+def test_chunked_prefill_then_decode_on_freed_memory(policy):
+    srv = FakeServer(thresholds(), policy=policy)
+    srv.new_sequence(0)
+    srv.new_sequence(1)
+    errs = [srv.forward([(0, 45), (1, 8)]), srv.forward([(0, 60), (1, 100)]), srv.forward([(0, 29), (1, 3)])]
+    for _ in range(12):                                                  # decode steps, crossing block ends
+        errs.append(srv.forward([(0, 1), (1, 1)], decode=True))
+    assert max(errs) < 1e-4, errs
+    assert srv.dense_from[0] > B and srv.dense_from[1] > B              # dense slots really were freed
+    assert srv.store.n_records == sum(n // B for n in srv.len)          # one record per completed block
+    kept = srv.store.record_pages
+    assert kept < srv.store.n_records * srv.plan.max_pages_per_record   # reservations were refunded
+
+
+def test_keep_all_equals_dense_attention():
+    srv = FakeServer(keep_all_thresholds())
+    srv.new_sequence(0)
+    assert srv.forward([(0, 130)]) < 1e-4
+    for _ in range(3):
+        assert srv.forward([(0, 1)], decode=True) < 1e-4
+
+
+def test_shared_prefix_reads_the_first_requests_records():
+    """A request that starts with another's cached prefix (page-aligned, its window still dense) reads the records
+    the first request compacted, and gets what a fresh computation of its own sequence gives."""
+    srv = FakeServer(thresholds())
+    srv.new_sequence(0)
+    srv.forward([(0, 70)])
+    srv.forward([(0, 50)])
+    records = srv.store.n_records
+    m = 120                                                              # page-aligned; [m - W - B, m) still dense
+    assert srv.dense_from[0] == m - SWA_WINDOW
+    srv.share_prefix(0, 2, m)
+    assert srv.forward([(2, 50)]) < 1e-4
+    assert srv.store.n_records == records + (m + 50) // B - m // B       # only its own new blocks got records
+    for _ in range(8):
+        assert srv.forward([(0, 1), (2, 1)], decode=True) < 1e-4
+
+
+def test_released_records_return_their_pages():
+    srv = FakeServer(thresholds())
+    srv.new_sequence(0)
+    srv.forward([(0, 90)])
+    free0 = srv.store.free_pages
+    pages = np.unique(srv.r2t[0, :88].numpy() // B)
+    srv.store.release(pages)
+    assert srv.store.n_records == 0 and srv.store.free_pages > free0
+    srv.store.check(live_logical_pages=np.zeros(0, dtype=np.int64))

@@ -1,0 +1,185 @@
+"""The compressed store's host accounting (sglang_tca.serving.store) and the memory split (serving.sizing): page
+reservation, settlement and refunds, release by logical page (also before a forward settles), the conservation
+check, admission capacity, and tensor-parallel ranks that keep identical host state while using different rows."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_tca.serving.sizing import MemoryPlan, ModelDims, SizingError, block_reserve_pages, plan_memory
+from sglang_tca.serving.store import CompressedStore, StoreExhausted
+
+B, PAGE_ROWS = 8, 8
+DIMS = ModelDims(layers=2, kv_heads=2, head_dim=16, v_head_dim=16, dtype_bytes=2)   # 32 rows per full block
+
+
+def plan(heap_pages=100, logical_pages=60, reservation_rows=32, share=0.5):
+    return MemoryPlan(DIMS, B, 32, 40 * B, heap_pages, logical_pages * B, max_pages_per_record=4,
+                      block_reserve_pages=4, expected_share=share, decode_kept_rows=0,
+                      reservation_rows=reservation_rows, budget_bytes=0, page_rows=PAGE_ROWS)
+
+
+def run_forward(store, pages, rows, sinks=None):
+    """One forward that completes the blocks at logical pages `pages`, using `rows` rows each (what the last layer
+    of the compaction kernel reports)."""
+    sinks = sinks or [False] * len(pages)
+    pending = store.begin_forward(sinks, list(range(len(pages))))
+    store.out_page[:len(pages)] = torch.tensor(pages)
+    store.out_rows[:len(pages)] = torch.tensor(rows, dtype=torch.int32)
+    store.end_forward(pending)
+    return pending
+
+
+def test_reserve_settle_refund_release():
+    s = CompressedStore(plan(), "cpu", chunk_tokens=64)
+    total = s.free_pages
+    p = run_forward(s, [5, 6, 7], [9, 32, 0], sinks=[True, False, False])
+    assert s.reserved_pages == 4 + 4 + 4 and s.free_pages == total - 12
+    s.check()
+    s.settle(p)
+    assert s.reserved_pages == 0 and s.record_pages == 2 + 4 + 0            # ceil(rows / 8) kept
+    assert s.n_records == 3 and s.alive[[5, 6, 7]].all()
+    assert len(s.res_pages.unique()) > 1                                   # the device table got real page ids
+    s.check(live_logical_pages=np.array([5, 6, 7]))
+    with pytest.raises(AssertionError):
+        s.check(live_logical_pages=np.array([5, 6]))                      # a live record the tree does not hold
+    with pytest.raises(AssertionError):
+        s.check(live_logical_pages=np.array([5, 6, 7, 9]))                # a held page without a record
+    s.release(np.array([6, 7, 11]))                                       # 11 never had a record
+    assert s.n_records == 1 and s.record_pages == 2 and s.free_pages == total - 2
+    s.check(live_logical_pages=np.array([5]))
+
+
+def test_a_record_freed_before_its_forward_settles_returns_everything():
+    """A request retracted right after its forward was launched: SGLang frees its logical pages before the result is
+    processed. The settlement must recognise the record as dead (launch epoch), also when the page was reused
+    by the next forward."""
+    s = CompressedStore(plan(), "cpu", chunk_tokens=64)
+    total = s.free_pages
+    p1 = run_forward(s, [3, 4], [20, 20])
+    s.release(np.array([3]))                                              # freed while forward 1 is in flight
+    p2 = run_forward(s, [3], [8])                                         # page 3 reused by the next forward
+    s.settle(p1)
+    assert not s.alive[3]                                                  # the dead record left nothing
+    assert s.alive[4] and s.rec_pages[4].size == 3
+    s.settle(p2)
+    assert s.alive[3] and s.rec_pages[3].size == 1                       # the new record, not the dead one
+    assert s.free_pages == total - 4 and s.n_records == 2
+    s.check(live_logical_pages=np.array([3, 4]))
+
+
+def test_settle_checks_order_and_bounds():
+    s = CompressedStore(plan(), "cpu", chunk_tokens=64)
+    p1 = run_forward(s, [1], [8])
+    p2 = run_forward(s, [2], [8])
+    with pytest.raises(AssertionError):
+        s.settle(p2)                                                      # forwards settle in launch order
+    s.settle(p1)
+    s.settle(p2)
+    p3 = run_forward(s, [9], [33])                                        # 5 pages > the 4 reserved
+    with pytest.raises(RuntimeError, match="reserved"):
+        s.settle(p3)
+
+
+def test_exhaustion_is_loud():
+    s = CompressedStore(plan(heap_pages=9), "cpu", chunk_tokens=64)        # 8 usable pages
+    run_forward(s, [1, 2], [8, 8])
+    with pytest.raises(StoreExhausted):
+        s.begin_forward([False], [0])
+
+
+def test_token_capacity_counts_open_blocks_and_next_forward():
+    s = CompressedStore(plan(), "cpu", chunk_tokens=64)
+    nominal = s.plan.nominal_pages_per_block                              # 2 layers x 2 heads x 8 x 0.5 / 8 + 0.5
+    assert nominal == pytest.approx(2.5)
+    idle = s.token_capacity(0, 0)
+    one_req = s.token_capacity(0, 1)
+    assert one_req < idle                                                 # a running request holds its worst case
+    open_10 = s.token_capacity(10, 1)
+    assert open_10 == max(int((s.free_pages - 10 * nominal - (1 + s.chunk_blocks) * (4 - nominal)) / nominal), 0) * B
+    s.settle(run_forward(s, list(range(1, 11)), [32] * 10))               # the 10 blocks complete at 4 pages each
+    assert s.token_capacity(10, 1) < open_10                              # more than their expected 2.5 pages
+    assert s.token_capacity(10 ** 6, 0) == 0                              # never negative
+
+
+def test_tensor_parallel_ranks_keep_identical_host_state():
+    """Two ranks own different KV heads, so their records use different row counts; the max over ranks decides what
+    both keep, so free lists, records and admission stay identical while each rank's rows fit its pages."""
+    rng = random.Random(0)
+    both = {}
+    stores = [CompressedStore(plan(heap_pages=400, logical_pages=200), "cpu", chunk_tokens=64,
+                              reduce_max=lambda x, r=r: np.maximum(x, both[1 - r])) for r in (0, 1)]
+    live = []
+    for step in range(60):
+        pages = rng.sample([p for p in range(1, 201) if p not in live], 3)
+        rows = [[rng.randint(0, 32) for _ in pages] for _ in stores]
+        pend = []
+        for r, s in enumerate(stores):
+            pend.append(run_forward(s, pages, rows[r]))
+            both[r] = np.array(rows[r])
+        for r, (s, p) in enumerate(zip(stores, pend)):
+            s.settle(p)
+            used = np.array([len(s.rec_pages[q]) for q in pages])
+            assert (used * PAGE_ROWS >= np.array(rows[r])).all()                # each rank's rows fit
+        live += pages
+        if step % 3 == 2:
+            gone = rng.sample(live, 4)
+            live = [p for p in live if p not in gone]
+            for s in stores:
+                s.release(np.array(gone))
+        a, b = stores
+        assert a.free == b.free and a.n_records == b.n_records
+        assert all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a.rec_pages, b.rec_pages))
+        assert a.token_capacity(len(live) + 5, 3) == b.token_capacity(len(live) + 5, 3)
+        for s in stores:
+            s.check(live_logical_pages=np.array(live))
+
+
+def llama_plan(**kw):
+    dims = ModelDims(layers=32, kv_heads=8, head_dim=128, v_head_dim=128, dtype_bytes=2)
+    args = dict(budget_bytes=100 * 2 ** 30, block=64, window=1024, expected_share=0.30,
+                block_reserve=block_reserve_pages(dims, 64, None), context_len=131072, graph_max_bs=32,
+                chunk_tokens=8192, max_requests=256)
+    args.update(kw)
+    return plan_memory(dims, **args)
+
+
+def test_plan_fits_the_budget_and_saves_memory_at_long_context():
+    p = llama_plan()
+    assert p.total_bytes <= p.budget_bytes and p.total_bytes > 0.99 * p.budget_bytes
+    assert p.dense_tokens % 64 == 0 and p.logical_tokens % 64 == 0
+    dense_equivalent = p.budget_bytes // p.dims.cell
+    assert p.logical_tokens > 2 * dense_equivalent                        # logical ids are not what runs out
+    # one 128K request at the expected share: window and sink dense, the rest in the store, plus its tables
+    n = 128 * 1024
+    per_request = (p.window + 2 * p.block) * p.dims.cell + \
+        (n / p.block) * p.nominal_pages_per_block * p.page_bytes + (n / p.block) * p.table_bytes_per_logical_page
+    assert per_request / (n * p.dims.cell) < 0.33
+    assert p.expected_store_tokens > 2.5 * dense_equivalent * (1 - 0.15)
+
+
+def test_plan_dense_pool_choices_and_errors():
+    by_share = llama_plan()
+    assert by_share.dense_tokens == pytest.approx(0.15 * by_share.budget_bytes / by_share.dims.cell, rel=0.01)
+    by_requests = llama_plan(dense_requests=16)
+    assert by_requests.dense_tokens == 2 * 8192 + 16 * (1024 + 128 + 128)
+    explicit = llama_plan(dense_tokens=10 ** 5)
+    assert explicit.dense_tokens == math.ceil(10 ** 5 / 64) * 64 and explicit.heap_pages > by_share.heap_pages
+    assert llama_plan(dense_tokens=10).dense_tokens >= 2 * 8192            # never below two chunks + four windows
+    streaming = llama_plan(expected_share=0.0)
+    assert llama_plan().logical_tokens < streaming.logical_tokens <= 8 * streaming.budget_bytes // streaming.dims.cell
+    with pytest.raises(SizingError, match="mem-fraction-static"):
+        llama_plan(budget_bytes=2 * 2 ** 30)
+    with pytest.raises(SizingError):
+        llama_plan(expected_share=1.5)
+
+
+def test_block_reserve_from_reachable_counts():
+    dims = ModelDims(layers=2, kv_heads=2, head_dim=16, v_head_dim=16, dtype_bytes=2)
+    assert block_reserve_pages(dims, 64, None) == 2 * 2 * 64 // 64
+    assert block_reserve_pages(dims, 64, [[8, 16], [1, 64]]) == math.ceil(89 / 64)
+    assert block_reserve_pages(dims, 64, [[0, 0], [0, 0]]) == 0
