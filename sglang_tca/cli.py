@@ -46,6 +46,10 @@ def _tca_parser() -> argparse.ArgumentParser:
     g.add_argument("--tca-observe", type=int, metavar="N",
                    help="question-aware end of prompt: a prompt's last N queries (e.g. 32) choose which compressed "
                         "tokens they and the answer see, same KV budget (default 0 = off; see docs/ALGORITHM.md)")
+    g.add_argument("--tca-dense-tokens", type=int, metavar="N",
+                   help="slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of the KV "
+                        "budget holds the compressed store (default: 15%% of the budget, or enough windows for "
+                        "--max-running-requests)")
     g.add_argument("--no-tca", action="store_true", help="serve with SGLang's default attention (dense baseline)")
     return p
 
@@ -119,7 +123,7 @@ def prepare(argv: Sequence[str], environ=None):
     use_tca = not ours.no_tca and chosen in (None, BACKEND)
     tca_flags = [f for f, v in (("--tca-budgets", ours.tca_budgets), ("--tca-window", ours.tca_window),
                                 ("--tca-block", ours.tca_block), ("--tca-policy", ours.tca_policy),
-                                ("--tca-observe", ours.tca_observe))
+                                ("--tca-observe", ours.tca_observe), ("--tca-dense-tokens", ours.tca_dense_tokens))
                  if v is not None]
     if ours.no_tca and chosen == BACKEND:
         raise CLIError("--no-tca contradicts --attention-backend tca")
@@ -127,12 +131,13 @@ def prepare(argv: Sequence[str], environ=None):
     if use_tca:
         cfg = TCAConfig(budgets=None if ours.tca_budgets is None else str(Path(ours.tca_budgets).expanduser().resolve()),
                         window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy,
-                        observe=ours.tca_observe)
+                        observe=ours.tca_observe, dense_tokens=ours.tca_dense_tokens)
         runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
         cfg = dataclasses.replace(cfg, budgets=runtime.budgets_path)
         cfg.to_env(environ)
         if chosen is None:
             rest = [*rest, "--attention-backend", BACKEND]
+        rest = _with_tca_memory_flags(rest, runtime.block)
     else:
         environ.pop(ENV_VAR, None)
         if tca_flags:
@@ -155,6 +160,17 @@ def prepare(argv: Sequence[str], environ=None):
             raise CLIError("TCA is served only by the HTTP server (not --encoder-only, --smg-grpc-mode or --use-ray)")
         runtime.for_rank(0, server_args.tp_size)  # KV heads must split (or replicate) over --tp-size
     return server_args, runtime
+
+
+def _with_tca_memory_flags(rest: list[str], block: int) -> list[str]:
+    """TCA's memory needs SGLang's pages to be its blocks and its own radix cache: add those flags unless given
+    (other values are refused by the plugin's validation with a clear message)."""
+    given = {a.split("=", 1)[0] for a in rest if a.startswith("--")}
+    if "--page-size" not in given:
+        rest = [*rest, "--page-size", str(block)]
+    if "--radix-cache-backend" not in given:
+        rest = [*rest, "--radix-cache-backend", BACKEND]
+    return rest
 
 
 def _serve(server_args, use_tca: bool) -> None:

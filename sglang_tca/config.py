@@ -16,7 +16,9 @@ Fields (None means "default"):
                   random tokens) or "streaming" (sink + window only); see `sglang_tca.algorithm.apply_policy`.
   observe         question-aware end of prompt: the last N queries of a prompt re-choose, per KV head and with the
                   same number of tokens, which compressed tokens they and the decode see (`algorithm.observe_keep`).
-                  0 = off; at most the window.
+                  0 = off; at most the window. The server refuses it (it needs the whole prompt's dense KV).
+  dense_tokens    slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of SGLang's KV
+                  budget holds the compressed store. Default: see `sglang_tca.serving.sizing.plan_memory`.
 Sequences shorter than w + 2b have nothing compressed: TCA is exactly dense there, and the backend runs SGLang's
 dense kernels for batches of such sequences.
 
@@ -58,9 +60,10 @@ class TCAConfig:
     block: int | None = None
     policy: str | None = None
     observe: int | None = None
+    dense_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("window", "block", "observe"):
+        for name in ("window", "block", "observe", "dense_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise TCAConfigError(f"TCA {name} must be an integer, got {v!r}")
@@ -68,6 +71,8 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-window must be positive, got {self.window}")
         if self.block is not None and (self.block <= 0 or self.block & (self.block - 1)):
             raise TCAConfigError(f"--tca-block must be a positive power of two, got {self.block}")
+        if self.dense_tokens is not None and self.dense_tokens <= 0:
+            raise TCAConfigError(f"--tca-dense-tokens must be positive, got {self.dense_tokens}")
         if self.observe is not None and self.observe < 0:
             raise TCAConfigError(f"--tca-observe must be >= 0 (0 = off), got {self.observe}")
         if self.policy is not None and self.policy not in POLICIES:

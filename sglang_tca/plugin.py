@@ -129,10 +129,10 @@ def validate_server_args(sa) -> None:
         "context parallelism")
     bad(bool(g("enable_lmcache")), "--enable-lmcache", "external KV offload")
     bad(bool(g("enable_flexkv")), "--enable-flexkv", "external KV offload")
-    bad(radix not in (None, BACKEND_NAME), f"--radix-cache-backend {radix}",
-        "TCA shares compressed prefixes through its own radix cache")
+    bad(radix != BACKEND_NAME, f"--radix-cache-backend {radix}",
+        f"TCA shares compressed prefixes through its own radix cache: --radix-cache-backend {BACKEND_NAME} "
+        f"(launch.py sets it)")
     bad(bool(g("enable_unified_memory")), "--enable-unified-memory", "TCA builds its own KV pool")
     if problems:
         raise TCAConfigError("--attention-backend tca does not support: " + "; ".join(problems)
                              + ". Remove these flags, or serve without TCA (--no-tca / another --attention-backend).")
-    sa.radix_cache_backend = BACKEND_NAME          # the registered "tca" radix cache (sglang_tca.serving.radix)

@@ -28,13 +28,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_tile(mask, off, page_table, req_to_token, row, h, layer, n_layers, t0, nb, stride_r2t, stride_pt,
-                HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+def _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride_bp, BLOCK: tl.constexpr,
+                 PAGES_TABLE: tl.constexpr):
+    """Logical pages of blocks j of batch entry r (request row `row`): from req_to_token, or from the per-batch
+    table block_pages [bs, blocks] the host side filled before a decode CUDA-graph replay."""
+    if PAGES_TABLE:
+        return tl.load(block_pages + r * stride_bp + j, mask=valid, other=0).to(tl.int64)
+    return tl.load(req_to_token + row * stride_r2t + j * BLOCK, mask=valid, other=0).to(tl.int64) // BLOCK
+
+
+@triton.jit
+def _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
+                stride_bp, stride_pt, HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+                ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr):
     """Keep mask [BLOCK_B, BLOCK], arena rows and positions of blocks j = t0 .. t0 + BLOCK_B - 1 (masked past nb)."""
     j = t0 + tl.arange(0, BLOCK_B)
     valid = j <= nb
-    lid = tl.load(req_to_token + row * stride_r2t + j * BLOCK, mask=valid, other=0).to(tl.int64)
-    p = lid // BLOCK
+    p = _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride_bp, BLOCK, PAGES_TABLE)
     entry = (p * n_layers + layer) * HKV + h
     bits = tl.load(mask + entry, mask=valid, other=0)
     base = tl.load(off + entry, mask=valid, other=0)
@@ -56,9 +66,9 @@ def _n_blocks(last_pos, r, window, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kept_count_kernel(mask, off, page_table, req_to_token, req_pool_indices, last_pos, counts, layer, n_layers,
-                       stride_r2t, stride_pt, window, n_tiles, HKV: tl.constexpr, BLOCK: tl.constexpr,
-                       BLOCK_B: tl.constexpr, ROWS: tl.constexpr):
+def _kept_count_kernel(mask, off, page_table, req_to_token, block_pages, req_pool_indices, last_pos, counts, layer,
+                       n_layers, stride_r2t, stride_bp, stride_pt, window, n_tiles, HKV: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr):
     t = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -70,18 +80,18 @@ def _kept_count_kernel(mask, off, page_table, req_to_token, req_pool_indices, la
         row = tl.load(req_pool_indices + r).to(tl.int64)
         j = t0 + tl.arange(0, BLOCK_B)
         valid = j <= nb
-        lid = tl.load(req_to_token + row * stride_r2t + j * BLOCK, mask=valid, other=0).to(tl.int64)
-        bits = tl.load(mask + ((lid // BLOCK) * n_layers + layer) * HKV + h, mask=valid, other=0)
+        p = _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride_bp, BLOCK, PAGES_TABLE)
+        bits = tl.load(mask + (p * n_layers + layer) * HKV + h, mask=valid, other=0)
         keep = ((bits[:, None] >> tl.arange(0, BLOCK)[None, :].to(tl.int64)) & 1) != 0
         total = tl.sum(tl.reshape((keep & valid[:, None]).to(tl.int32), [BLOCK_B * BLOCK]), 0)
     tl.store(counts + idx, total)
 
 
 @triton.jit
-def _kept_write_kernel(mask, off, page_table, req_to_token, req_pool_indices, last_pos, counts, ends, kept_indptr,
-                       kept_row, kept_pos, layer, n_layers, stride_r2t, stride_pt, window, n_tiles,
-                       HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
-                       WITH_POS: tl.constexpr):
+def _kept_write_kernel(mask, off, page_table, req_to_token, block_pages, req_pool_indices, last_pos, counts, ends,
+                       kept_indptr, kept_row, kept_pos, layer, n_layers, stride_r2t, stride_bp, stride_pt, window,
+                       n_tiles, HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
+                       PAGES_TABLE: tl.constexpr, WITH_POS: tl.constexpr):
     t = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -97,8 +107,9 @@ def _kept_write_kernel(mask, off, page_table, req_to_token, req_pool_indices, la
     if t0 <= nb:
         out = end.to(tl.int64) - tl.load(counts + idx)
         row = tl.load(req_pool_indices + r).to(tl.int64)
-        keep, rows, pos = _block_tile(mask, off, page_table, req_to_token, row, h, layer, n_layers, t0, nb,
-                                      stride_r2t, stride_pt, HKV, BLOCK, BLOCK_B, ROWS)
+        keep, rows, pos = _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer, n_layers,
+                                      t0, nb, stride_r2t, stride_bp, stride_pt, HKV, BLOCK, BLOCK_B, ROWS,
+                                      PAGES_TABLE)
         k1 = tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK])
         dest = out + tl.cumsum(k1, 0) - 1
         tl.store(kept_row + dest, tl.reshape(rows, [BLOCK_B * BLOCK]).to(tl.int32), mask=k1 != 0)
@@ -114,10 +125,13 @@ def n_block_tiles(max_len: int, block: int, window: int, block_tile: int) -> int
 
 def kept_lists(store, layer: int, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                last_pos: torch.Tensor, window: int, kept_row: torch.Tensor, max_len: int,
-               kept_pos: torch.Tensor | None = None, block_tile: int = 16) -> torch.Tensor:
+               kept_pos: torch.Tensor | None = None, block_tile: int = 16,
+               block_pages: torch.Tensor | None = None) -> torch.Tensor:
     """Fill kept_row (int32 arena rows) and, when given, kept_pos (int32 positions) for `layer` of a
     `CompressedStore`; last_pos [bs] = position of each request's last query; max_len a host int >= last_pos + 1
-    of every request (sets the grid; larger only adds empty tiles). Returns kept_indptr [bs*Hkv+1] int32."""
+    of every request (sets the grid; larger only adds empty tiles). block_pages [bs, >= blocks] (optional): the
+    requests' logical pages per block, read instead of req_to_token (decode CUDA graphs: SGLang's scheduler may
+    rewrite req_to_token while a graph replays). Returns kept_indptr [bs*Hkv+1] int32."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int (an upper bound on last_pos + 1), got {max_len!r}")
     if block_tile <= 0 or block_tile & (block_tile - 1):
@@ -133,13 +147,16 @@ def kept_lists(store, layer: int, req_to_token: torch.Tensor, req_pool_indices: 
     counts = torch.empty(bs * hkv * n_tiles, dtype=torch.int32, device=dev)
     ends = torch.empty_like(counts)
     grid = (n_tiles, bs, hkv)
+    pages_table = block_pages is not None
     common = dict(layer=layer, n_layers=store.mask.shape[1], stride_r2t=req_to_token.stride(0),
-                  stride_pt=store.page_table.stride(0), window=window, n_tiles=n_tiles, HKV=hkv, BLOCK=block,
-                  BLOCK_B=block_tile, ROWS=store.plan.page_rows)
-    _kept_count_kernel[grid](store.mask, store.off, store.page_table, req_to_token, req_pool_indices, last_pos,
+                  stride_bp=block_pages.stride(0) if pages_table else 0, stride_pt=store.page_table.stride(0),
+                  window=window, n_tiles=n_tiles, HKV=hkv, BLOCK=block, BLOCK_B=block_tile,
+                  ROWS=store.plan.page_rows, PAGES_TABLE=pages_table)
+    bp = block_pages if pages_table else req_to_token
+    _kept_count_kernel[grid](store.mask, store.off, store.page_table, req_to_token, bp, req_pool_indices, last_pos,
                              counts, **common)
     torch.cumsum(counts, 0, out=ends)
-    _kept_write_kernel[grid](store.mask, store.off, store.page_table, req_to_token, req_pool_indices, last_pos,
+    _kept_write_kernel[grid](store.mask, store.off, store.page_table, req_to_token, bp, req_pool_indices, last_pos,
                              counts, ends, kept_indptr, kept_row, kept_pos if kept_pos is not None else kept_row,
                              WITH_POS=kept_pos is not None, **common)
     return kept_indptr

@@ -85,9 +85,10 @@ def _count_below(ptr, n, x, SAMPLE: tl.constexpr):
 
 @triton.jit
 def _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base, r2t_row, L2D,
-               K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
+               dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
                qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-               BLOCK: tl.constexpr, MASKED: tl.constexpr, WITH_POS: tl.constexpr, IEEE: tl.constexpr):
+               BLOCK: tl.constexpr, MASKED: tl.constexpr, WITH_POS: tl.constexpr, DENSE_TABLE: tl.constexpr,
+               IEEE: tl.constexpr):
     """One BLOCK_N step of the virtual key list [kept | dense] with online softmax. MASKED=False: every column is a
     kept key that all rows see (no per-element masks)."""
     vi = start + offs_n
@@ -101,8 +102,11 @@ def _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_
             kpos = offs_n * 0
         dpos = ds_first + (vi - sk)
         in_dense = (vi >= sk) & col_valid
-        lid = tl.load(r2t_row + dpos, mask=in_dense, other=0).to(tl.int64)
-        dslot = tl.load(L2D + lid, mask=in_dense, other=0)
+        if DENSE_TABLE:
+            dslot = tl.load(dslots_row + (dpos - dslots_first), mask=in_dense, other=0)
+        else:
+            lid = tl.load(r2t_row + dpos, mask=in_dense, other=0).to(tl.int64)
+            dslot = tl.load(L2D + lid, mask=in_dense, other=0)
         row = tl.where(in_kept, krow, dense_base + dslot * num_kv_heads + h)
         pos = tl.where(in_kept, kpos, dpos)
         k = tl.load(K_Arena + row[None, :] * stride_row + offs_d[:, None],
@@ -145,9 +149,9 @@ def _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_
 
 @triton.jit
 def _tca_fwd_kernel(
-    Q, K_Arena, V_Arena, O, O_Part, Lse_Part, L2D,
+    Q, K_Arena, V_Arena, O, O_Part, Lse_Part, L2D, Dense_Slots, Dense_First,
     req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_row, kept_pos,
-    sm_scale_log2, dense_base,
+    sm_scale_log2, dense_base, stride_ds,
     stride_qt, stride_qh,
     stride_row,
     stride_ot, stride_oh,
@@ -159,7 +163,8 @@ def _tca_fwd_kernel(
     BLOCK: tl.constexpr, WINDOW: tl.constexpr, G: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SEARCH_SAMPLE: tl.constexpr, WITH_POS: tl.constexpr, IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SEARCH_SAMPLE: tl.constexpr, WITH_POS: tl.constexpr, DENSE_TABLE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     r = tl.program_id(1)
@@ -229,6 +234,10 @@ def _tca_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     r2t_row = req_to_token + rp * stride_r2t
+    dslots_row = Dense_Slots + r.to(tl.int64) * stride_ds
+    dslots_first = 0
+    if DENSE_TABLE:
+        dslots_first = tl.load(Dense_First + r)
     # Kept keys every row of the tile sees (all of them once the first query is past the sink, up to the first
     # query's dense start) need no masks: handle whole BLOCK_N steps of them first, the rest masked.
     n_kept_first = n_kept
@@ -238,14 +247,14 @@ def _tca_fwd_kernel(
     nomask_end = tl.where(first_pos >= BLOCK - 1, (n_kept_first // BLOCK_N) * BLOCK_N, 0)
     for start in range(v_lo, tl.minimum(v_hi, nomask_end), BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
-                                   r2t_row, L2D, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
-                                   qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-                                   BLOCK, False, WITH_POS, IEEE)
+                                   r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                   dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d,
+                                   offs_dv, mask_d, mask_dv, BLOCK, False, WITH_POS, DENSE_TABLE, IEEE)
     for start in range(tl.maximum(v_lo, nomask_end), v_hi, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
-                                   r2t_row, L2D, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
-                                   qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
-                                   BLOCK, True, WITH_POS, IEEE)
+                                   r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                   dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d,
+                                   offs_dv, mask_d, mask_dv, BLOCK, True, WITH_POS, DENSE_TABLE, IEEE)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -298,6 +307,7 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
                          req_pool_indices: torch.Tensor, q_start_pos: torch.Tensor, qo_indptr: torch.Tensor,
                          kept_indptr: torch.Tensor, kept_row: torch.Tensor, kept_pos: Optional[torch.Tensor],
                          block: int, window: int, sm_scale: float, out: Optional[torch.Tensor] = None, *,
+                         dense_slots: Optional[torch.Tensor] = None, dense_first: Optional[torch.Tensor] = None,
                          max_q_len: Optional[int] = None, num_kv_splits: Optional[int] = None,
                          block_m: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
@@ -305,6 +315,9 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
     shapes). Returns `out` [T, Hq, Dv] (rows of T not covered by qo_indptr are left untouched).
 
     kept_pos None: one query per request (decode), every kept key visible.
+    dense_slots [bs, n] int64 / dense_first [bs] (optional, decode): the dense slots of positions
+        dense_first[r] .. dense_first[r] + n - 1 of request r, read instead of req_to_token and l2d (SGLang's
+        scheduler may rewrite those while a decode CUDA graph replays; the backend fills this table before).
     max_q_len: Python int upper bound on the per-request query count (sizes the grid; default T = q.shape[0]).
     num_kv_splits: split each tile's key list over this many programs (+ a merge kernel); default: 1 on CPU and for
         long chunks, and on CUDA for short ones (decode) enough for ~8 programs per SM, at most 32.
@@ -371,11 +384,15 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
         ps = (0, 0, 0)
         ls = (0, 0)
 
+    dense_table = dense_slots is not None
+    if dense_table:
+        assert dense_first is not None and dense_slots.shape[0] >= bs and dense_slots.stride(1) == 1
     grid = (q_tiles, bs, Hkv * num_kv_splits)
     _tca_fwd_kernel[grid](
         q, arena_k, arena_v, out, o_part, lse_part, l2d,
+        dense_slots if dense_table else l2d, dense_first if dense_table else q_start_pos,
         req_to_token, req_pool_indices, q_start_pos, qo_indptr, kept_indptr, kept_row, kept_pos,
-        float(sm_scale) * _LOG2E, dense_base,
+        float(sm_scale) * _LOG2E, dense_base, dense_slots.stride(0) if dense_table else 0,
         q.stride(0), q.stride(1),
         arena_k.stride(0),
         out.stride(0), out.stride(1),
@@ -385,7 +402,8 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
         Hkv,
         Lq=Lq, Lv=Lv, BLOCK=block, WINDOW=window, G=G,
         BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q,
-        NUM_SPLITS=num_kv_splits, SEARCH_SAMPLE=_SEARCH_SAMPLE, WITH_POS=with_pos, IEEE=(q.dtype == torch.float32),
+        NUM_SPLITS=num_kv_splits, SEARCH_SAMPLE=_SEARCH_SAMPLE, WITH_POS=with_pos, DENSE_TABLE=dense_table,
+        IEEE=(q.dtype == torch.float32),
         **extra,
     )
     if num_kv_splits > 1:
@@ -403,8 +421,8 @@ def tca_sparse_attention_ref(q, arena_k, arena_v, dense_base, num_kv_heads, l2d,
                              out=None) -> torch.Tensor:
     """Pure-PyTorch reference with the same inputs (kept_pos required): per request, rebuild each position's K/V
     (kept positions from their arena rows, the dense range through req_to_token and l2d), rebuild the keep mask
-    from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`. Host-synchronising and slow;
-    for tests."""
+    from the kept lists and call `algorithm.visible` + `algorithm.masked_attention`; keys that no query sees are
+    zeroed, not read (freed rows may hold anything). Host-synchronising and slow; for tests."""
     from sglang_tca.algorithm import masked_attention, visible
     from sglang_tca.params import TCAParams, dense_start
 
@@ -432,10 +450,13 @@ def tca_sparse_attention_ref(q, arena_k, arena_v, dense_base, num_kv_heads, l2d,
             pos = kept_pos[lo:hi].long()
             rows[h, pos] = kept_row[lo:hi].long()
             keep[h, pos] = True
-        k = arena_k[rows]                                                            # [Hkv, L, D]
-        v = arena_v[rows]
         qpos = torch.arange(p0, L, device=q.device)
         mask = visible(keep, qpos, L, p) if L >= block else \
             (torch.arange(L, device=q.device)[None, None, :] <= qpos[None, :, None]).expand(Hkv, -1, -1)
+        # Keys no query sees are not read: their rows may be freed memory (poisoned with NaN in tests), which the
+        # mask alone would not hide (NaN + -inf, 0 * NaN in the softmax).
+        seen = mask.any(1)[..., None]                                                # [Hkv, L, 1]
+        k = torch.where(seen, arena_k[rows], 0)                                      # [Hkv, L, D]
+        v = torch.where(seen, arena_v[rows], 0)
         out[s:e] = masked_attention(q[s:e].transpose(0, 1), k, v, mask, sm_scale).transpose(0, 1).to(out.dtype)
     return out

@@ -5,8 +5,9 @@ dense page while it is dense. Two things differ from SGLang's own hybrid-SWA all
   * the logical allocator tells the compressed store which logical pages it frees (their records' pages return);
   * `full_available_size` is what the store can still hold, converted to logical tokens
     (`CompressedStore.token_capacity`), when that is less than the free logical ids: SGLang's scheduler then admits,
-    evicts and retracts by the store's real free memory, with its own logic. The invariant checker keeps counting
-    the logical ids themselves (`_conserve_full_available_size`).
+    evicts and retracts by the store's real free memory, with its own logic. The free ids this holds back
+    (`store_held_tokens`) are reported to SGLang's invariant checker as held (sglang_tca.serving.radix), so its
+    conservation check still counts every logical id.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ class TCATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
     def available_size(self):
         return min(self.full_available_size(), self.swa_available_size())
 
-    def _conserve_full_available_size(self):
-        return self.full_attn_allocator.available_size()
+    def store_held_tokens(self) -> int:
+        """Free logical ids that `full_available_size` holds back because the store could not hold their blocks."""
+        return self.full_attn_allocator.available_size() - self.full_available_size()
 
     def translate_kv_loc(self, kv_indices: torch.Tensor) -> torch.Tensor:
         """Logical ids -> dense slots, for SGLang's Triton kernels on batches that are dense throughout."""

@@ -66,13 +66,26 @@ class TCAAttnBackend(TritonAttnBackend):
         self.l2d = model_runner.token_to_kv_pool_allocator.full_to_swa_index_mapping
         self.dense_window = self.window + self.block   # SGLang keeps this many trailing tokens of a request dense
         self._n_layers = n_layers
-        self._decode_kept_row = torch.empty(self.plan.decode_kept_rows, dtype=torch.int32, device=dev)
         self._arange = torch.arange(max(self.plan.reservation_rows, self.num_kv_head) + 2, dtype=torch.int32,
                                     device=dev)
+        ctx = self.req_to_token.shape[1]
+        self._win_offsets = torch.arange(self.dense_window, device=dev)          # a decode query's dense window
+        self._block_cols = torch.arange(0, ctx, self.block, device=dev)          # the first position of each block
+        self._graph = None                       # static decode buffers of CUDA graphs (init_cuda_graph_state)
         self._pending = []                               # this forward's reservations (CompressedStore.Pending)
         self._stats_path = os.environ.get(STATS_ENV) if tp_rank == 0 else None
 
     # -- per batch ------------------------------------------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
+        """Static buffers the captured decode graphs read (SGLang's Triton decode buffers are not needed)."""
+        dev = self.req_to_token.device
+        self._graph = dict(
+            kept_row=torch.empty(self.plan.decode_kept_rows, dtype=torch.int32, device=dev),
+            dense_loc=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            dense_slots=torch.zeros(max_bs, self.dense_window, dtype=torch.int64, device=dev),
+            dense_first=torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            block_pages=torch.zeros(max_bs, self._block_cols.numel(), dtype=torch.int32, device=dev))
+
     def init_forward_metadata(self, forward_batch):
         if forward_batch.forward_mode.is_decode_or_idle():
             self._set_decode_metadata(forward_batch, graph=False)
@@ -91,18 +104,37 @@ class TCAAttnBackend(TritonAttnBackend):
             self._pending.append(pending)
 
     def _set_decode_metadata(self, fb, graph: bool):
+        """Decode: reserve pages for the rows whose token ends a block, and translate what the kernels read
+        through SGLang's shared tables (req_to_token, the logical->dense map) into per-batch tables: SGLang's
+        scheduler may rewrite the shared ones while a decode CUDA graph replays."""
         bs = fb.batch_size
         seq = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu())[:bs].tolist()
         ends = [i for i, n in enumerate(seq) if n % self.block == 0 and n > 0]
         if ends:
             self.store.res_pages[:bs].zero_()          # rows that end no block point at the trash page
             self._reserve([seq[i] - 1 for i in ends], ends)
-        if graph:                                       # replayed for every length: static bounds
-            self._decode_kept, self._decode_max_len = self._decode_kept_row, self.req_to_token.shape[1]
+        rows, n = fb.req_pool_indices[:bs], fb.seq_lens[:bs]
+        first = torch.where(n >= self.block, dense_start(n, self.block, self.window), 0)
+        pos = (first[:, None] + self._win_offsets).clamp(max=self.req_to_token.shape[1] - 1)
+        dense_slots = self.l2d[self.req_to_token[rows[:, None], pos].long()]
+        block_pages = (self.req_to_token[rows[:, None], self._block_cols] // self.block).int()
+        loc = self.l2d[fb.out_cache_loc]
+        if graph:                                       # replayed for every length: static buffers and bounds
+            g = self._graph
+            g["dense_slots"][:bs].copy_(dense_slots)
+            g["dense_first"][:bs].copy_(first)
+            g["block_pages"][:bs].copy_(block_pages)
+            g["dense_loc"][loc.numel():bs].zero_()      # padded rows write to the padding slot
+            g["dense_loc"][:loc.numel()].copy_(loc)
+            self._decode = dict(kept_row=g["kept_row"], max_len=self.req_to_token.shape[1],
+                                dense_slots=g["dense_slots"][:bs], dense_first=g["dense_first"][:bs],
+                                block_pages=g["block_pages"][:bs], dense_loc=g["dense_loc"][:bs])
         else:
-            self._decode_max_len = max(seq + [1])
-            self._decode_kept = torch.empty(bs * self._decode_max_len * self.num_kv_head, dtype=torch.int32,
-                                            device=fb.seq_lens.device)
+            max_len = max(seq + [1])
+            self._decode = dict(kept_row=torch.empty(bs * max_len * self.num_kv_head, dtype=torch.int32,
+                                                     device=n.device),
+                                max_len=max_len, dense_slots=dense_slots, dense_first=first.int(),
+                                block_pages=block_pages, dense_loc=loc)
 
     def _set_extend_metadata(self, fb):
         rows, positions = block_end_rows(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu, self.block)
@@ -196,21 +228,18 @@ class TCAAttnBackend(TritonAttnBackend):
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        fb = forward_batch
-        l = layer.layer_id
-        if l == 0:
-            self._decode_dense_loc = self.l2d[fb.out_cache_loc]
+        fb, d, l = forward_batch, self._decode, layer.layer_id
         if save_kv_cache:
-            self.pool.swa_kv_pool.set_kv_buffer(None, self._decode_dense_loc, k, v, layer_id_override=l)
+            self.pool.swa_kv_pool.set_kv_buffer(None, d["dense_loc"], k, v, layer_id_override=l)
         self._select_and_compact(q, layer, fb, decode=True)
         bs = fb.req_pool_indices.numel()
-        kept_row = self._decode_kept
         kept_indptr = kept_lists(self.store, l, self.req_to_token, fb.req_pool_indices, fb.positions, self.window,
-                                 kept_row, self._decode_max_len)
+                                 d["kept_row"], d["max_len"], block_pages=d["block_pages"])
         o = torch.empty_like(q)
         tca_sparse_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), self.pool.arena_k,
                              self.pool.arena_v, self.plan.dense_base(l), self.num_kv_head, self.l2d,
                              self.req_to_token, fb.req_pool_indices, fb.positions, self._arange[:bs + 1],
-                             kept_indptr, kept_row, None, self.block, self.window, layer.scaling,
-                             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_q_len=1)
+                             kept_indptr, d["kept_row"], None, self.block, self.window, layer.scaling,
+                             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), dense_slots=d["dense_slots"],
+                             dense_first=d["dense_first"], max_q_len=1)
         return o

@@ -13,6 +13,8 @@ What this gives, unchanged from SGLang's hybrid-SWA semantics:
     everything up to the last full block;
   * under dense pressure the least recently used windows are tombstoned first, under store pressure (the
     allocator reports it as logical pressure) the least recently used leaves are evicted with their records.
+Both caches report the free logical ids the allocator holds back for the store (`store_held_tokens`) as held, so
+SGLang's conservation check (free + evictable + protected + held == total) still counts every logical id;
 `sanity_check` adds the store's own invariants (no page lost or doubly owned; at idle, a record exactly for every
 cached logical page).
 """
@@ -27,7 +29,17 @@ from sglang.srt.mem_cache.unified_cache.components import ComponentType
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 
-class TCARadixCache(UnifiedRadixCache):
+class _StoreHeld:
+    def session_held_full_tokens(self, active_pool_idxs=None) -> int:
+        return super().session_held_full_tokens(active_pool_idxs) + \
+            self.token_to_kv_pool_allocator.store_held_tokens()
+
+
+class TCAChunkCache(_StoreHeld, SWAChunkCache):
+    pass
+
+
+class TCARadixCache(_StoreHeld, UnifiedRadixCache):
     def sanity_check(self):
         super().sanity_check()
         store = self.token_to_kv_pool_allocator.store
@@ -50,5 +62,5 @@ def create_tree_cache(ctx):
     params = dataclasses.replace(ctx.params, sliding_window_size=window,
                                  tree_components=(ComponentType.FULL, ComponentType.SWA))
     if ctx.disable_radix_cache:
-        return SWAChunkCache(params)
+        return TCAChunkCache(params)
     return TCARadixCache(params)

@@ -112,13 +112,17 @@ class MemoryPlan:
 
     @property
     def nominal_pages_per_block(self) -> float:
-        """Pages a compressed block takes at the expected share (half a page of fragmentation)."""
-        return self.dims.rows_per_block * self.block * self.expected_share / self.page_rows + 0.5
+        """Pages a compressed block takes at the expected share: its rows, half a page of fragmentation, and at
+        least one page when it keeps anything (none under the "streaming" policy, share 0)."""
+        if self.expected_share == 0:
+            return 0.0
+        return max(self.dims.rows_per_block * self.block * self.expected_share / self.page_rows + 0.5, 1.0)
 
     @property
     def expected_store_tokens(self) -> int:
         """Tokens of compressed blocks the store holds at the expected kept share."""
-        return int((self.heap_pages - 1) / self.nominal_pages_per_block * self.block)
+        nominal = self.nominal_pages_per_block
+        return self.logical_tokens if nominal == 0 else int((self.heap_pages - 1) / nominal * self.block)
 
     @property
     def arena_rows(self) -> int:

@@ -187,7 +187,9 @@ class CompressedStore:
         extra = max(self.plan.block_reserve_pages, self.plan.sink_pages) - nominal
         held = open_blocks * nominal + (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
         spare = len(self.free) - held
-        return max(int(spare / max(nominal, 1e-9)), 0) * self.block
+        if nominal == 0:                           # blocks keep nothing (streaming): only the ids limit
+            return self.plan.logical_tokens if spare >= 0 else 0
+        return max(int(spare / nominal), 0) * self.block
 
     # -- checks -----------------------------------------------------------------------------------------------------
     def check(self, live_logical_pages: np.ndarray | None = None) -> None:

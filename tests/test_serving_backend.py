@@ -1,0 +1,385 @@
+"""TCA's serving path inside SGLang's real memory machinery, on CPU: the memory plan, TCA's pool and allocator (built
+as the patches build them), SGLang's hybrid-SWA radix cache through TCA's factory, and the attention backend,
+driven request by request the way SGLang's scheduler drives them (match, lock, allocate, forward, cache the
+unfinished prompt, free out-of-window dense slots, decode, finish, evict, retract). After every forward the
+outputs are compared with the reference (sglang_tca.algorithm) on the request's own sequence, the store settles,
+and SGLang's conservation invariant (free + evictable + protected + held == total, for logical ids and dense slots)
+is checked; at idle, the radix cache's sanity check, which includes the store's own (a record for exactly the
+cached logical pages)."""
+from __future__ import annotations
+
+import array
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+L, HQ, HKV, D, B, W = 2, 4, 2, 16, 8, 32
+VOCAB = 64
+
+
+def thresholds():
+    kn = int(math.log2(B)) + 1
+    base = torch.linspace(1.5, 7.0, kn - 1)
+    return torch.stack([torch.stack([base * (0.6 + 0.25 * h + 0.3 * l) for h in range(HKV)]) for l in range(L)])
+
+
+@pytest.fixture(scope="module")
+def sglang_ready(tmp_path_factory):
+    from sglang_tca import plugin
+
+    plugin.register()
+    import sglang.srt.layers.attention.triton_backend as tb
+
+    tb.get_device_core_count = lambda *a: 8          # the Triton backend asks the GPU for its SM count
+    return tmp_path_factory.mktemp("tiny")
+
+
+def make_model(d, keep_all=False):
+    from sglang_tca.budgets import Budgets, ModelShape
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HQ * D,
+           "intermediate_size": 128, "num_hidden_layers": L, "num_attention_heads": HQ, "num_key_value_heads": HKV,
+           "head_dim": D, "vocab_size": 1000, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
+           "torch_dtype": "float32", "rope_theta": 10000.0}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    kn = int(math.log2(B)) + 1
+    b = Budgets.uniform(ModelShape.from_hf_config(cfg), [0] * (kn - 1) + [1], block=B, window=W)
+    if not keep_all:
+        b.thresholds = thresholds()
+        b.p = torch.full((L, HKV, kn), 1.0 / kn)
+    b.save(d / "tca_budgets.json")
+    return d
+
+
+class Harness:
+    """SGLang's memory objects and TCA's backend for a tiny model, plus a scheduler-shaped driver."""
+
+    def __init__(self, model_dir, *, budget_tokens=4096, dense_tokens=None, radix=True, seed=0):
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+        from sglang.srt.runtime_context import get_context, get_parallel
+        from sglang.srt.server_args import prepare_server_args
+
+        from sglang_tca.serving import memory
+        from sglang_tca.serving.backend import TCAAttnBackend
+        from sglang_tca.serving.radix import create_tree_cache
+
+        os.environ.pop("SGLANG_TCA_CONFIG", None)
+        if dense_tokens is not None:
+            from sglang_tca.config import TCAConfig
+
+            TCAConfig(dense_tokens=dense_tokens).to_env()
+        args = ["--model-path", str(model_dir), "--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
+                "--attention-backend", "tca", "--page-size", str(B), "--radix-cache-backend", "tca",
+                "--chunked-prefill-size", "64", "--max-running-requests", "4", "--dtype", "float32"]
+        if not radix:
+            args.append("--disable-radix-cache")
+        self.sa = prepare_server_args(args)
+        get_context().set_server_args(self.sa)
+        self._par = get_parallel().override(attn_tp_size=1, attn_tp_rank=0, tp_size=1, tp_rank=0)
+        self._par.__enter__()
+        mc = self.sa.get_model_config()
+        conf = SimpleNamespace(post_capture_kv_active=False, is_draft_worker=False, server_args=self.sa,
+                               model_config=mc, layer_info=SimpleNamespace(num_effective_layers=L),
+                               kv_cache_dtype=torch.float32, device="cpu")
+        plan = memory.plan_for(conf, MemoryPoolConfig(max_total_num_tokens=budget_tokens, max_running_requests=4))
+        memory.remember_plan(conf, plan)
+        self.pool = memory.build_pool(conf)
+        self.r2t_pool = ReqToTokenPool(size=4, max_context_len=1024, device="cpu", enable_memory_saver=False)
+        self.alloc = memory.build_allocator(conf, self.pool, self.r2t_pool)
+        self.store, self.plan = self.alloc.store, plan
+        self.tree = create_tree_cache(SimpleNamespace(
+            params=CacheInitParams(disable=not radix, req_to_token_pool=self.r2t_pool,
+                                   token_to_kv_pool_allocator=self.alloc, page_size=B),
+            disable_radix_cache=not radix))
+        runner = SimpleNamespace(req_to_token_pool=self.r2t_pool, token_to_kv_pool=self.pool,
+                                 token_to_kv_pool_allocator=self.alloc, sliding_window_size=None, page_size=B,
+                                 model_config=mc, device="cpu", gpu_id=0, server_args=self.sa,
+                                 is_draft_worker=False)
+        self.backend = TCAAttnBackend(runner)
+        self.layers = [RadixAttention(HQ, D, D ** -0.5, HKV, l) for l in range(L)]
+        g = torch.Generator().manual_seed(seed)
+        # q/k/v of a token depend on (token id, position) only, so equal prefixes have equal keys (as in a model)
+        self.tok = [torch.randn(VOCAB, h, D, generator=g) * s for h, s in ((HQ, 1), (HKV, 2), (HKV, 1))]
+        self.posemb = [torch.randn(1024, h, D, generator=g) * 0.5 for h in (HQ, HKV, HKV)]
+        self.layer_mix = torch.randn(L, 3, generator=g)
+
+    def close(self):
+        self._par.__exit__(None, None, None)
+
+    # -- the "model" ------------------------------------------------------------------------------------------------
+    def qkv(self, ids, layer):
+        pos = torch.arange(len(ids))
+        t = torch.tensor(list(ids))
+        return [self.tok[i][t] * (1 + 0.3 * self.layer_mix[layer, i]) + self.posemb[i][pos] for i in range(3)]
+
+    def reference(self, ids, start, layer):
+        from sglang_tca.algorithm import masked_attention, select, visible
+        from sglang_tca.params import TCAParams
+
+        q, k, v = (x.transpose(0, 1) for x in self.qkv(ids, layer))
+        p = TCAParams(B, W)
+        keep, _ = select(q, k, self.backend.thresholds[layer], p, layer=layer)
+        mask = visible(keep, torch.arange(start, len(ids)), len(ids), p)
+        return masked_attention(q[:, start:], k, v, mask, D ** -0.5).transpose(0, 1)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def new_request(self, ids):
+        from sglang.srt.managers.schedule_batch import ReqKvInfo
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        row = self.r2t_pool.free_slots.pop(0)
+        req = SimpleNamespace(req_pool_idx=row, kv=None, cache_protected_len=0, origin_input_ids=array.array("l", ids),
+                              output_ids=array.array("l"), extra_key=None, last_node=None, swa_uuid_for_lock=None,
+                              skip_lock_node_ids={}, swa_prefix_lock_released=False, priority=0, session=None,
+                              to_finish=None, finished_reason=None, swa_evict_floor=0, kv_committed_len=0,
+                              prefix_indices=torch.empty(0, dtype=torch.int64))
+        req.get_fill_ids = lambda: (req.origin_input_ids + req.output_ids)[:req.kv_committed_len]
+        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("l", ids))))
+        prefix = m.device_indices
+        req.last_node = m.last_device_node
+        lock = self.tree.inc_lock_ref(req.last_node)
+        req.swa_uuid_for_lock = getattr(lock, "swa_uuid_for_lock", None)
+        self.r2t_pool.req_to_token[row, :len(prefix)] = prefix.int()
+        req.prefix_indices = prefix
+        req.cache_protected_len = len(prefix)
+        req.kv = ReqKvInfo(kv_allocated_len=len(prefix), swa_evicted_seqlen=0)
+        req.kv_committed_len = len(prefix)
+        return req
+
+    def tokens(self, req):
+        return list(req.origin_input_ids) + list(req.output_ids)
+
+    def _forward(self, fb, reqs, starts, decode):
+        be = self.backend
+        if decode == "graph":
+            if be._graph is None:
+                be.init_cuda_graph_state(4, 4)
+            be.init_forward_metadata_out_graph(fb)
+        else:
+            be.init_forward_metadata(fb)
+        err = 0.0
+        for l in range(L):
+            parts = [[x[s:] for x in self.qkv(self.tokens(r)[:r.kv_committed_len], l)] for r, s in zip(reqs, starts)]
+            q, k, v = (torch.cat([p[i] for p in parts]) for i in range(3))
+            fwd = be.forward_decode if decode else be.forward_extend
+            o = fwd(q.reshape(-1, HQ * D), k, v, self.layers[l], fb).view(-1, HQ, D)
+            off = 0
+            for r, s in zip(reqs, starts):
+                want = self.reference(self.tokens(r)[:r.kv_committed_len], s, l)
+                err = max(err, float((o[off:off + len(want)] - want).abs().max()))
+                off += len(want)
+        self.pending = be.finish_forward()
+        return err
+
+    def settle(self):
+        for p in self.pending:
+            self.store.settle(p)
+        self.pending = []
+
+    def extend(self, reqs, n_new):
+        """One extend batch: request r gets its next n_new[r] tokens (from origin_input_ids)."""
+        from sglang.srt.mem_cache.common import evict_from_tree_cache
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        prefix = [r.kv_committed_len for r in reqs]
+        seq = [p + n for p, n in zip(prefix, n_new)]
+        evict_from_tree_cache(self.tree, sum(n_new) + len(reqs) * B)
+        assert sum(n_new) + len(reqs) * B <= self.alloc.full_available_size(), "the scheduler would not admit this"
+        r2t = self.r2t_pool.req_to_token
+        last = torch.tensor([int(r2t[r.req_pool_idx, p - 1]) if p else -1 for r, p in zip(reqs, prefix)])
+        out = self.alloc.alloc_extend(torch.tensor(prefix), torch.tensor(prefix), torch.tensor(seq),
+                                      torch.tensor(seq), last, sum(n_new))
+        assert out is not None, "out of memory"
+        off = 0
+        for r, p, n in zip(reqs, prefix, n_new):
+            r2t[r.req_pool_idx, p:p + n] = out[off:off + n].int()
+            off += n
+            r.kv.kv_allocated_len = r.kv_committed_len = p + n
+        fb = SimpleNamespace(forward_mode=ForwardMode.EXTEND, batch_size=len(reqs), spec_info=None,
+                             req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs]),
+                             seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq),
+                             extend_prefix_lens=torch.tensor(prefix), extend_prefix_lens_cpu=prefix,
+                             extend_seq_lens=torch.tensor(n_new), extend_seq_lens_cpu=list(n_new), out_cache_loc=out,
+                             positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq)]),
+                             seq_lens_sum=sum(seq), orig_seq_lens=torch.tensor(seq), encoder_lens=None)
+        err = self._forward(fb, reqs, prefix, decode=False)
+        self.settle()
+        for r in reqs:                                  # SGLang caches the prompt so far after each chunk
+            r.extend_range = SimpleNamespace(end=r.kv_committed_len)
+            self.tree.cache_unfinished_req(r, chunked=r.kv_committed_len < len(r.origin_input_ids))
+        return err
+
+    def decode(self, reqs, token_ids, graph=False, settle=True):
+        from sglang.srt.mem_cache.common import evict_from_tree_cache, free_swa_out_of_window_slots
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        for r in reqs:                                  # maybe_evict_swa (interval 1): dense slots out of window
+            free_swa_out_of_window_slots(r, r.kv_committed_len, sliding_window_size=self.tree.sliding_window_size
+                                         if hasattr(self.tree, "sliding_window_size") else W + B, page_size=B,
+                                         req_to_token_pool=self.r2t_pool, token_to_kv_pool_allocator=self.alloc,
+                                         is_chunk_cache=self.tree.is_chunk_cache())
+        evict_from_tree_cache(self.tree, len(reqs) * B)
+        r2t = self.r2t_pool.req_to_token
+        seq = [r.kv_committed_len + 1 for r in reqs]
+        last = torch.tensor([int(r2t[r.req_pool_idx, r.kv_committed_len - 1]) for r in reqs])
+        out = self.alloc.alloc_decode(torch.tensor(seq), torch.tensor(seq), last)
+        assert out is not None, "out of memory"
+        for r, o, t in zip(reqs, out, token_ids):
+            r2t[r.req_pool_idx, r.kv_committed_len] = int(o)
+            r.output_ids.append(t)
+            r.kv.kv_allocated_len = r.kv_committed_len = r.kv_committed_len + 1
+        fb = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=len(reqs), spec_info=None,
+                             req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs]),
+                             seq_lens=torch.tensor(seq), seq_lens_cpu=torch.tensor(seq), out_cache_loc=out,
+                             positions=torch.tensor(seq) - 1, seq_lens_sum=sum(seq), encoder_lens=None)
+        err = self._forward(fb, reqs, [s - 1 for s in seq], decode="graph" if graph else "eager")
+        if settle:
+            self.settle()
+        return err
+
+    def finish(self, req, insert=True):
+        self.tree.cache_finished_req(req, is_insert=insert, kv_len_to_handle=req.kv_committed_len)
+        self.r2t_pool.free(req)
+
+    # -- invariants -------------------------------------------------------------------------------------------------
+    def check(self, running=()):
+        """SGLang's conservation invariant (invariant_checker._check_pool_invariant), uncached from the running
+        requests, and the store's page conservation."""
+        uncached_full = sum(-(-r.kv.kv_allocated_len // B) * B - r.cache_protected_len for r in running)
+        uncached_swa = sum(-(-r.kv.kv_allocated_len // B) * B - max(r.cache_protected_len, r.kv.swa_evicted_seqlen)
+                           for r in running)
+        t = self.tree
+        full = self.alloc.full_available_size() + t.full_evictable_size() + t.full_protected_size() + \
+            t.session_held_full_tokens() + uncached_full
+        swa = self.alloc.swa_available_size() + t.swa_evictable_size() + t.swa_protected_size() + uncached_swa
+        assert full == self.plan.logical_tokens, (full, self.plan.logical_tokens)
+        assert swa == self.plan.dense_tokens, (swa, self.plan.dense_tokens)
+        if not running and not self.tree.is_chunk_cache():
+            self.tree.sanity_check()
+        else:
+            self.store.check()
+
+
+@pytest.fixture
+def harness(sglang_ready):
+    hs = []
+
+    def make(**kw):
+        h = Harness(make_model(sglang_ready / ("keep_all" if kw.pop("keep_all", False) else "tca"),
+                               keep_all=False), **kw)
+        hs.append(h)
+        return h
+
+    yield make
+    for h in hs:
+        h.close()
+
+
+def ids(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def test_prefill_chunks_decode_and_finish_on_freed_memory(harness):
+    h = harness()
+    a, b = h.new_request(ids(1, 150)), h.new_request(ids(2, 70))
+    errs = [h.extend([a, b], [20, 30])]                                  # dense batch: SGLang's Triton kernels
+    h.check(running=[a, b])
+    errs += [h.extend([a, b], [64, 40]), h.extend([a], [66])]            # chunks with compressed blocks
+    h.check(running=[a, b])
+    for i in range(20):                                                  # decode, eager and graph metadata
+        errs.append(h.decode([a, b], [3, 4], graph=i % 2 == 1))
+        h.check(running=[a, b])
+    assert max(errs) < 1e-4, errs
+    assert a.kv.swa_evicted_seqlen > 0 or b.kv.swa_evicted_seqlen > 0 or h.tree.swa_evictable_size() > 0
+    assert h.store.n_records == (a.kv_committed_len // B) + (b.kv_committed_len // B)
+    h.finish(a)
+    h.finish(b)
+    h.check()                                                            # idle: the records are the cached pages
+    assert h.tree.full_evictable_size() > 0
+
+
+def test_radix_reuse_of_a_compressed_prefix_equals_a_fresh_computation(harness):
+    """A conversation's next turn (the whole previous sequence) and a second question on the same document
+    (a shared prefix whose window is still dense) reuse the cache and give what a fresh computation gives."""
+    h = harness()
+    doc = ids(3, 200)
+    a = h.new_request(doc + ids(4, 20))
+    for n in (64, 64, 64, 28):
+        assert h.extend([a], [n]) < 1e-4
+    for t in range(6):
+        assert h.decode([a], [t + 5]) < 1e-4
+    turn1 = h.tokens(a)
+    h.finish(a)
+    h.check()
+    nxt = h.new_request(turn1 + ids(5, 30))                              # the next turn
+    reused = nxt.kv_committed_len
+    assert reused == (len(turn1) // B) * B                               # everything up to the last full block
+    assert h.extend([nxt], [len(nxt.origin_input_ids) - reused]) < 1e-4
+    q2 = h.new_request(doc + ids(6, 25))                                 # another question on the document
+    assert q2.kv_committed_len >= (200 // B) * B - B                     # the document's blocks, window dense
+    assert h.extend([q2], [len(q2.origin_input_ids) - q2.kv_committed_len]) < 1e-4
+    for t in range(10):
+        assert h.decode([nxt, q2], [7, 8]) < 1e-4
+    h.finish(nxt)
+    h.finish(q2)
+    h.check()
+
+
+def test_retract_while_the_forward_is_in_flight_leaks_nothing(harness):
+    """SGLang may retract (free) a request right after launching its forward, before the result is processed:
+    the records of that forward are settled as dead and every page comes back."""
+    h = harness()
+    a, b = h.new_request(ids(7, 100)), h.new_request(ids(8, 100))
+    h.extend([a, b], [64, 64])
+    for t in range(B - (a.kv_committed_len % B) - 1):
+        h.decode([a, b], [1, 1])
+    free0 = h.store.free_pages
+    h.decode([a, b], [2, 2], settle=False)                               # both complete a block: reserved
+    assert h.store.reserved_pages > 0
+    h.finish(b, insert=False)                                            # retract b, forward not settled yet
+    h.settle()
+    assert not h.store.pending
+    h.decode([a], [3])
+    h.finish(a)
+    h.check()
+    assert h.store.free_pages >= free0 - h.plan.max_pages_per_record * 2
+
+
+def test_store_pressure_evicts_cached_records_and_keeps_the_invariant(harness):
+    """A store too small for every cached prefix: admission sees the store's capacity as logical capacity, so
+    SGLang's own eviction frees least recently used prefixes (and their records) to make room."""
+    h = harness(budget_tokens=2000)
+    seen_evict = False
+    for i in range(8):
+        r = h.new_request(ids(20 + i, 130))
+        for n in (64, 66):
+            assert h.extend([r], [n]) < 1e-4
+        h.finish(r)
+        h.check()
+        seen_evict |= h.store.n_records < (i + 1) * (130 // B)
+    assert seen_evict
+
+
+def test_radix_off_frees_everything_at_finish(harness):
+    h = harness(radix=False)
+    a = h.new_request(ids(9, 120))
+    h.extend([a], [64])
+    h.extend([a], [56])
+    for t in range(10):
+        assert h.decode([a], [1]) < 1e-4
+        h.check(running=[a])
+    h.finish(a)
+    h.check()
+    assert h.store.n_records == 0 and h.store.free_pages == h.plan.heap_pages - 1
