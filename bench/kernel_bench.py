@@ -1,4 +1,6 @@
-"""GPU micro-benchmarks of TCA's attention kernels, and a per-piece breakdown of TCA's decode step.
+"""GPU micro-benchmarks of TCA's attention kernels, and a per-piece breakdown of TCA's decode step, on the server's
+memory (sglang_tca.serving.sizing.MemoryPlan: one K and one V arena, the compressed store's pages first, then every
+layer's dense buffer).
 
 Default mode: TCA sparse attention kernel vs dense causal flash attention of the same shape.
 
@@ -7,11 +9,16 @@ Default mode: TCA sparse attention kernel vs dense causal flash attention of the
 
 Per context length it times (ms per call, CUDA-graph replays by default, as SGLang runs decode):
   * prefill: one request, all ctx queries in one chunk (extend from position 0);
-  * decode: bs requests, one query each at position ctx - 1.
-Columns: tca (sparse lists with ~keep of each compressed block, heads differ), tca_all (the same kernel with every
-compressed token kept: the kernel's dense cost), flash (dense causal: flash_attn if installed, else torch SDPA with the
-flash backend; K/V contiguous and GQA-expanded outside the timing), speedup = flash / tca, and the share of the
-dense KV the sparse run reads (sink + kept + window) / ctx.
+  * decode: bs requests, one query each at position ctx - 1 (no kept positions, as the server's decode).
+The arena holds what the server holds at that point (`make_pool`): the sink and the kept tokens of the compressed
+blocks in store rows (a block's kept rows of a KV head consecutive, blocks at shuffled places, as compaction leaves
+them), and the queries' dense range (decode: the window; prefill: everything after the sink) in dense slots (pages of
+b slots, shuffled, as SGLang's paged allocator hands them out after a while), read through req_to_token and the
+logical -> dense map.
+Columns: tca (~keep of each compressed block kept, heads differ), tca_all (the same kernel with every compressed
+token kept: the kernel's dense cost), flash (dense causal: flash_attn if installed, else torch SDPA with the flash
+backend; K/V contiguous and GQA-expanded outside the timing), speedup = flash / tca, and the share of the dense KV the
+sparse run reads (sink + kept + window) / ctx.
 Needs CUDA; sglang is not needed (only torch, triton and sglang_tca).
 
 Decode breakdown (--decode-breakdown): where the time of one TCA decode step goes, per layer, next to SGLang's dense
@@ -20,31 +27,42 @@ decode kernels of the same shape.
     python bench/kernel_bench.py --decode-breakdown --json out.json     # ctx 32768 129024, bs 1 8, keep ~0.25
     python bench/kernel_bench.py --decode-breakdown --device cpu --smoke # tiny shapes, Triton interpreter, checks
 
-Per (ctx, bs) it builds what the server holds for one layer: K/V pools [slots, Hkv, D] (shuffled slots, as
-SGLang's allocator hands them out after a while), req_to_token, and the slot-stored block masks `slot_bits`
-[slots, Hkv] int64 written at every block-end slot of each request with ~keep of the bits set (heads differ: head h
-keeps keep * (0.5 + h / (Hkv - 1)), as the default mode's lists), thresholds [Hkv, Kn-1] ascending. Several copies
-of the layer (--pool-layers, default enough for ~1 GiB of KV) are visited in turn, as a model's layers are, so a
-call does not find the previous call's K/V in L2. Then it times, each piece alone captured in a CUDA graph of many
-calls and replayed (Triton JIT and warm-up outside the timing), ms per layer call:
-  a_none / a_all  `selection.select_at_slots` for the bs decode queries: at a position that ends no block (63 of 64
-                  steps) / where every request ends a block (same static-shape work; a_all also writes the masks);
-  b               `kernels.kept_lists.kept_lists_from_bits` at position ctx - 1 (count, cumsum, write; parallel over block tiles);
-  c               `kernels.sparse_attention.tca_sparse_attention` decode at ctx - 1, given b's lists;
-  d               a + b + c in one graph, exactly the backend's forward_decode after set_kv_buffer (position ctx - 1);
-  e               SGLang's Triton dense decode (`sglang.kernels.ops.attention.decode_attention.decode_attention_fwd`,
+Per (ctx, bs) it builds what the server holds for --pool-layers layers (`DecodeCase`; default enough layers for ~1
+GiB of dense K/V, so a call does not find the previous layer's data in L2): bs requests of ctx tokens on logical
+pages (one per block, shuffled), a `CompressedStore` with a record for every block that completed before the
+current one (the sink keeps everything; block j >= 1 keeps each token with probability keep * (0.5 + h / (Hkv - 1))
+for KV head h, independently per layer, as the default mode's lists), written as the compaction writes them (per
+record layer-major, then head; pages from a shuffled free list), the block the current token completes with its
+worst-case pages reserved (as `CompressedStore.begin_forward` reserves them), and the dense window of each request
+in the layers' dense buffers; thresholds [Hkv, Kn-1] ascending. Then it times, each piece alone captured in a CUDA
+graph of many calls and replayed (Triton JIT and warm-up outside the timing), ms per layer call, exactly as
+`TCAAttnBackend.forward_decode` calls them after set_kv_buffer:
+  a_none / a_all  `serving.selection.select_blocks` for the bs decode queries (every row runs, `valid` marks block
+                  ends): at a position that ends no block (63 of 64 steps) / where every request ends a block (same
+                  static-shape work; a_all also stores real masks);
+  b_none / b_all  `kernels.compaction.compact_blocks` (positions given: rows that end no block return at once) /
+                  where every request ends a block (copies the kept rows of all layers' heads into the store);
+  c               `kernels.kept_lists.kept_lists` at position ctx - 1 (rows only; blocks' logical pages from the
+                  per-batch block_pages table; max_len = req_to_token's width, the static bound of decode CUDA
+                  graphs; count, cumsum, write; parallel over block tiles);
+  d               `kernels.sparse_attention.tca_sparse_attention` decode at ctx - 1 (kept_pos None; the window's
+                  dense slots from the per-batch dense_slots / dense_first table), given c's lists;
+  e               a + b + c + d in one graph at position ctx - 1 (a block end when ctx % b == 0);
+  f               SGLang's Triton dense decode (`sglang.kernels.ops.attention.decode_attention.decode_attention_fwd`,
                   what TritonAttnBackend.forward_decode calls: max_kv_splits 8, num_kv_splits from
                   get_num_kv_splits_triton, PDL on sm90+; kv_indptr / kv_indices built outside the graph, as SGLang
-                  does before a replay);
-  f               FlashInfer's BatchDecodeWithPagedKVCacheWrapper, page size 1, as SGLang's flashinfer backend uses it
+                  does before a replay), over dense K/V pools [slots, Hkv, D] of every token (shuffled slots);
+  g               FlashInfer's BatchDecodeWithPagedKVCacheWrapper, page size 1, as SGLang's flashinfer backend uses it
                   under CUDA graphs (NHD, backend fa2, tensor cores for GQA group >= 4, plan outside the graph).
 No piece includes set_kv_buffer (the same for every backend). The table (markdown, printed last) has ms per layer
-call, d / e / f x --layers (default 32: Llama-3.1-8B) as attention ms per decode token, and the share of the KV the
-TCA step reads ((sink + kept + window) / ctx, mean over requests and heads). Sanity checks per case: c's output of
-request 0 against `tca_sparse_attention_ref`, and e against f (dense both). --no-dense skips e and f. With --smoke
-(tiny shapes; on CPU the kernels run under TRITON_INTERPRET=1 and nothing is timed) it also checks the built bits'
-kept share, b's lists against `selection.kept_positions`, d's output against the reference, and which slots a_none /
-a_all write. tests/test_kernel_bench.py runs the CPU smoke checks.
+call, e / f / g x --layers (default 32: Llama-3.1-8B) as attention ms per decode token, and the share of the KV the
+TCA step reads ((sink + kept + window) / ctx, mean over requests and heads). Sanity checks per case: d's output of
+request 0 against `tca_sparse_attention_ref`, and f against g (dense both). --no-dense skips f and g. With --smoke
+(tiny shapes; on CPU the kernels run under TRITON_INTERPRET=1 and nothing is timed; every arena row nothing should
+read is NaN) it also checks the built masks' kept share, c's lists (rows, and positions when asked) against a
+plain-Python view of the store's records, which masks a_none / a_all write, that b_none writes nothing and b_all
+stores the kept keys where the records say, e's output per layer and d's against the reference.
+tests/test_kernel_bench.py runs the CPU smoke checks.
 """
 from __future__ import annotations
 
@@ -67,8 +85,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sglang_tca.params import dense_start  # noqa: E402
 from sglang_tca.budgets import keep_counts_for  # noqa: E402
 from sglang_tca.kernels import tca_sparse_attention, tca_sparse_attention_ref  # noqa: E402
-from sglang_tca.kernels.kept_lists import kept_lists_from_bits  # noqa: E402
-from sglang_tca.serving.selection import kept_positions, pack_bits, select_at_slots, unpack_bits  # noqa: E402
+from sglang_tca.kernels.compaction import compact_blocks  # noqa: E402
+from sglang_tca.kernels.kept_lists import kept_lists  # noqa: E402
+from sglang_tca.serving.selection import pack_bits, select_blocks, unpack_bits  # noqa: E402
+from sglang_tca.serving.sizing import ROWS_PER_PAGE, MemoryPlan, ModelDims  # noqa: E402
+from sglang_tca.serving.store import CompressedStore  # noqa: E402
 
 
 def head_shares(keep: float, hkv: int, device=None) -> torch.Tensor:
@@ -77,8 +98,9 @@ def head_shares(keep: float, hkv: int, device=None) -> torch.Tensor:
 
 
 def make_kv(bs, ctx, hkv, d, dtype, g, n_layers=1, contiguous=False):
-    """K/V pools [n_layers, slots, Hkv, D] (random normal) and req_to_token [bs+1, ctx+64] int32: rows 1..bs hold
-    bs requests of ctx tokens each on shuffled slots (slot 0 is SGLang's padding slot; row 0 is unused)."""
+    """Dense K/V pools [n_layers, slots, Hkv, D] (random normal) and req_to_token [bs+1, ctx+64] int32: rows 1..bs hold
+    bs requests of ctx tokens each on shuffled slots (slot 0 is SGLang's padding slot; row 0 is unused). What the
+    dense baselines read."""
     dev = g.device
     n_slots = bs * ctx + 64
     perm = torch.randperm(n_slots - 1, generator=g, device=dev) + 1
@@ -94,21 +116,6 @@ def make_kv(bs, ctx, hkv, d, dtype, g, n_layers=1, contiguous=False):
     return k, v, r2t
 
 
-def make_slot_bits(r2t, bs, ctx, n_slots, shares, block, g, n_layers=1):
-    """slot_bits [n_layers, slots, Hkv] int64, as the server stores them: at the slot of every block-end position
-    (j+1)*b - 1 (j >= 1) below ctx of requests 1..bs, a b-bit keep mask with each bit set with probability shares[h]
-    (independently per layer, request, block and head); 0 elsewhere."""
-    dev = r2t.device
-    hkv = shares.numel()
-    ends = torch.arange(2 * block - 1, ctx, block, device=dev)                     # block-end positions, j >= 1
-    slots = r2t[1:bs + 1][:, ends].long()                                          # [bs, nb]
-    bits = torch.zeros(n_layers, n_slots, hkv, dtype=torch.int64, device=dev)
-    for l in range(n_layers):
-        keep = torch.rand(bs, ends.numel(), hkv, block, generator=g, device=dev) < shares.view(1, 1, hkv, 1)
-        bits[l][slots] = pack_bits(keep)
-    return bits
-
-
 def make_thresholds(hkv, block, device=None):
     """Ascending n_eff thresholds [Hkv, Kn-1] that differ per head: with factor 1, a block of n_eff x keeps about
     2^ceil(log2 x) tokens (the timing does not depend on the values; the shapes are the budgets file's)."""
@@ -117,32 +124,113 @@ def make_thresholds(hkv, block, device=None):
     return (torch.linspace(0.75, 1.5, hkv)[:, None] * base).to(device)
 
 
-def make_pool(bs, ctx, q_len, hq, hkv, d, b, w, keep, dtype, seed=0, contiguous=False):
-    """A pool holding bs requests of ctx tokens each (shuffled slots) and per-(request, head) kept lists."""
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(seed)
-    k, v, r2t = make_kv(bs, ctx, hkv, d, dtype, g, contiguous=contiguous)
-    k_buf, v_buf = k[0], v[0]
-    ds = dense_start(ctx, b, w)
-    t = torch.arange(b, ds, device=dev)
-    shares = head_shares(keep, hkv).tolist()
-    lists_sparse, lists_all = [], []
-    for _ in range(bs):
-        for h in range(hkv):
-            lists_sparse.append(t[torch.rand(t.numel(), generator=g, device=dev) < shares[h]].int())
-            lists_all.append(t.int())
-    q = torch.randn(bs * q_len, hq, d, generator=g, device=dev).to(dtype)
-    common = dict(q=q, k_buffer=k_buf, v_buffer=v_buf, req_to_token=r2t,
-                  req_pool_indices=torch.arange(1, bs + 1, device=dev),
-                  q_start_pos=torch.full((bs,), ctx - q_len, device=dev, dtype=torch.int32),
-                  qo_indptr=torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * q_len,
-                  block=b, window=w, sm_scale=d ** -0.5)
+def _perm(n, g, contiguous):
+    """0..n-1, shuffled unless contiguous."""
+    return torch.arange(n, device=g.device) if contiguous else torch.randperm(n, generator=g, device=g.device)
 
-    def lists(ls):
-        return dict(kept_indptr=torch.tensor([0] + [len(x) for x in ls], device=dev).cumsum(0).int(),
-                    kept_pos=torch.cat(ls))
-    read = (min(b, ctx) + sum(len(x) for x in lists_sparse) / (bs * hkv) + (ctx - ds)) / ctx
-    return common, lists(lists_sparse), lists(lists_all), read
+
+def logical_layout(bs, ctx, block, g, contiguous=False):
+    """req_to_token [bs+1, ctx+64] int32 of logical ids: request r (row r+1) has its block j on logical page
+    pages[r, j] (shuffled, page 0 is SGLang's padding page), position t at id pages[r, t // b] * b + t % b."""
+    n_blk = -(-ctx // block)
+    pages = (_perm(bs * n_blk, g, contiguous) + 1).view(bs, n_blk)
+    t = torch.arange(ctx, device=g.device)
+    r2t = torch.zeros(bs + 1, ctx + 64, dtype=torch.int32, device=g.device)
+    r2t[1:, :ctx] = (pages[:, t // block] * block + t % block).int()
+    return r2t, pages
+
+
+def dense_layout(pages, lo, ctx, block, g, contiguous=False):
+    """Dense slots of positions lo..ctx-1 (lo a multiple of b) of every request: one dense page of b slots per
+    block, shuffled (dense page 0 is the padding page). Returns (l2d [logical ids] int64 with 0 for every other
+    position, i.e. freed, and the number of dense slots used)."""
+    bs, n_blk = pages.shape
+    first = lo // block
+    n_dense = bs * (n_blk - first)
+    dpages = (_perm(n_dense, g, contiguous) + 1).view(bs, n_blk - first)
+    l2d = torch.zeros((int(pages.max()) + 1) * block, dtype=torch.int64, device=g.device)
+    t = torch.arange(lo, ctx, device=g.device)
+    lid = pages[:, t // block] * block + t % block
+    l2d[lid] = dpages[:, t // block - first] * block + t % block
+    return l2d, n_dense * block
+
+
+def place_records(keep, start, g, contiguous=False):
+    """Arena rows of the kept tokens keep [bs, n_blocks, Hkv, b] as the compaction lays them out: per record
+    (request, block) its heads' kept rows one after the other, records at shuffled places from row `start` on.
+    Returns (rows [bs, n_blocks, Hkv, b] int64, valid where keep; the number of rows used)."""
+    bs, nb, hkv, b = keep.shape
+    cnt = keep.sum(-1)                                                              # [bs, nb, Hkv]
+    per_rec = cnt.sum(-1).flatten()
+    order = _perm(per_rec.numel(), g, contiguous)
+    sizes = per_rec[order]
+    base = torch.empty_like(per_rec)
+    base[order] = sizes.cumsum(0) - sizes
+    rows = start + base.view(bs, nb, 1, 1) + (cnt.cumsum(-1) - cnt)[..., None] + keep.cumsum(-1) - 1
+    return rows, int(per_rec.sum())
+
+
+def csr_lists(keep, rows):
+    """Kept lists (kept_indptr, kept_row, kept_pos) in (request, head) order, positions ascending, from keep / rows
+    [bs, n_blocks, Hkv, b] (block j of a request covers positions j*b .. j*b + b - 1)."""
+    bs, nb, hkv, b = keep.shape
+    kp = keep.permute(0, 2, 1, 3).reshape(bs * hkv, nb * b)
+    rp = rows.permute(0, 2, 1, 3).reshape(bs * hkv, nb * b)
+    pos = torch.arange(nb * b, device=keep.device).expand(bs * hkv, -1)
+    indptr = torch.nn.functional.pad(kp.sum(-1).cumsum(0), (1, 0)).int()
+    return dict(kept_indptr=indptr, kept_row=rp[kp].int(), kept_pos=pos[kp].int())
+
+
+def make_pool(bs, ctx, q_len, hq, hkv, d, b, w, keep, dtype, seed=0, contiguous=False, device="cuda"):
+    """TCA's memory for bs requests of ctx tokens each, one layer (see the module docstring), two sets of store
+    rows: `sparse` (~keep of each compressed block kept, heads differ) and `full` (every compressed token kept).
+    The queries are positions ctx - q_len .. ctx - 1. Off the GPU every arena row nothing should read is NaN.
+    Returns (common kernel args, sparse lists, full lists, KV read share); the lists hold kept_pos, which decode
+    (q_len 1) does not pass."""
+    if ctx < w + 2 * b:
+        raise ValueError(f"ctx {ctx} has no compressed block (needs ctx >= window + 2 * block)")
+    g = torch.Generator(device=device).manual_seed(seed)
+    nc = dense_start(ctx, b, w) // b                              # listed blocks: the sink and blocks 1 .. nc - 1
+    shares = head_shares(keep, hkv, device)
+    keep_sparse = torch.rand(bs, nc, hkv, b, generator=g, device=device) < shares.view(1, 1, hkv, 1)
+    keep_sparse[:, 0] = True                                      # the sink keeps everything
+    keep_full = torch.ones_like(keep_sparse)
+    r2t, pages = logical_layout(bs, ctx, b, g, contiguous)
+    lo = dense_start(ctx - q_len + 1, b, w)                       # the first query's dense start
+    l2d, dense_tokens = dense_layout(pages, lo, ctx, b, g, contiguous)
+    rows_sparse, n_sparse = place_records(keep_sparse, ROWS_PER_PAGE, g, contiguous)
+    rows_full, n_full = place_records(keep_full, ROWS_PER_PAGE + n_sparse, g, contiguous)
+    heap_pages = -(-(n_sparse + n_full) // ROWS_PER_PAGE) + 1     # page 0: the trash page
+    dims = ModelDims(1, hkv, d, d, torch.empty(0, dtype=dtype).element_size())
+    plan = MemoryPlan(dims, b, w, dense_tokens, heap_pages, pages.numel() * b, max_pages_per_record=1,
+                      block_reserve_pages=1, expected_share=keep, decode_kept_rows=0, reservation_rows=1,
+                      budget_bytes=0)
+    arena_k = torch.empty(plan.arena_rows, d, dtype=dtype, device=device).normal_(generator=g)
+    arena_v = torch.empty_like(arena_k).normal_(generator=g)
+    pos = torch.arange(nc * b, device=device).view(1, nc, 1, b)
+    for keep_, rows_ in ((keep_sparse, rows_sparse), (keep_full, rows_full)):
+        # prefill: the stored tokens of compressed blocks are still dense too; both copies hold the same keys
+        both = keep_ & (pos >= lo)
+        r, _, h, _ = both.nonzero(as_tuple=True)
+        src = plan.dense_base(0) + l2d[r2t[1 + r, pos.expand_as(both)[both]].long()] * hkv + h
+        arena_k[rows_[both]] = arena_k[src]
+        arena_v[rows_[both]] = arena_v[src]
+    if torch.device(device).type != "cuda":                       # poison: a wrong read shows
+        used = torch.zeros(plan.arena_rows, dtype=torch.bool, device=device)
+        used[ROWS_PER_PAGE:ROWS_PER_PAGE + n_sparse + n_full] = True
+        live = l2d[r2t[1:, lo:ctx].long()].flatten()
+        used[(plan.dense_base(0) + live[:, None] * hkv + torch.arange(hkv, device=device)).flatten()] = True
+        arena_k[~used] = float("nan")
+        arena_v[~used] = float("nan")
+    q = torch.randn(bs * q_len, hq, d, generator=g, device=device).to(dtype)
+    common = dict(q=q, arena_k=arena_k, arena_v=arena_v, dense_base=plan.dense_base(0), num_kv_heads=hkv, l2d=l2d,
+                  req_to_token=r2t, req_pool_indices=torch.arange(1, bs + 1, device=device),
+                  q_start_pos=torch.full((bs,), ctx - q_len, device=device, dtype=torch.int32),
+                  qo_indptr=torch.arange(0, bs + 1, device=device, dtype=torch.int32) * q_len,
+                  block=b, window=w, sm_scale=d ** -0.5)
+    sparse, full = csr_lists(keep_sparse, rows_sparse), csr_lists(keep_full, rows_full)
+    read = (sparse["kept_row"].numel() / (bs * hkv) + ctx - nc * b) / ctx
+    return common, sparse, full, read
 
 
 def dense_fn(bs, ctx, q_len, hq, hkv, d, dtype):
@@ -187,131 +275,282 @@ def dense_fn(bs, ctx, q_len, hq, hkv, d, dtype):
 
 
 # ---- decode breakdown (--decode-breakdown) ------------------------------------------------------------------------
-class DecodeCase:
-    """One decode batch of the TCA backend over a realistic pool: bs requests of ctx tokens, n_layers copies of one
-    layer's K/V and slot_bits. Each piece is a callable fn(layer) with static shapes (CUDA-graph capturable)."""
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal, NaN at the same places counting as equal."""
+    if not x.is_floating_point():
+        return torch.equal(x, y)
+    return torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0))
 
-    def __init__(self, ctx, bs, hq, hkv, d, block, window, keep, dtype, device, n_layers, seed=0, contiguous=False):
+
+class DecodeCase:
+    """One decode batch of the TCA backend over a realistic store: bs requests of ctx tokens, n_layers layers (see the
+    module docstring). Each piece is a callable fn(layer) with static shapes (CUDA-graph capturable). poison: every
+    arena row nothing should read is NaN (the dense slots of freed positions, store pages no record holds, the
+    padding page)."""
+
+    def __init__(self, ctx, bs, hq, hkv, d, block, window, keep, dtype, device, n_layers, seed=0, contiguous=False,
+                 poison=False, page_rows=ROWS_PER_PAGE):
         if ctx < window + 2 * block:
             raise ValueError(f"ctx {ctx} has no compressed block (needs ctx >= window + 2 * block)")
-        self.ctx, self.bs, self.block, self.window, self.n_layers = ctx, bs, block, window, n_layers
+        b = block
+        self.ctx, self.bs, self.block, self.window, self.n_layers = ctx, bs, b, window, n_layers
+        self.hq, self.hkv, self.d, self.dtype, self.contiguous, self.seed = hq, hkv, d, dtype, contiguous, seed
         self.scale = d ** -0.5
         g = torch.Generator(device=device).manual_seed(seed)
-        self.k, self.v, self.r2t = make_kv(bs, ctx, hkv, d, dtype, g, n_layers, contiguous)
         self.shares = head_shares(keep, hkv, device)
-        self.bits = make_slot_bits(self.r2t, bs, ctx, self.k.shape[1], self.shares, block, g, n_layers)
-        self.built_share = self.bits_share()       # before any selection overwrites a mask (a_all, d)
-        self.thr = make_thresholds(hkv, block, device)
+        self.thr = make_thresholds(hkv, b, device)
+        self.heads = torch.arange(hkv, device=device)                             # global KV head ids (TP 1)
         self.q = torch.randn(bs, hq, d, generator=g, device=device).to(dtype)
         self.rows = torch.arange(1, bs + 1, device=device)                         # req_pool_indices
         full = lambda p: torch.full((bs,), p, dtype=torch.int64, device=device)   # noqa: E731
         self.pos = full(ctx - 1)                                                   # positions = seq_len - 1
-        self.pos_none = full(ctx - 1 if ctx % block else ctx - 2)                  # ends no block
-        self.pos_all = full((ctx // block) * block - 1)                            # every request ends a block
-        self.loc, self.loc_none, self.loc_all = (self.r2t[self.rows, p].long()      # out_cache_loc
-                                                 for p in (self.pos, self.pos_none, self.pos_all))
+        self.pos_none = full(ctx - 1 if ctx % b else ctx - 2)                      # ends no block
+        self.pos_all = full((ctx // b) * b - 1)                                    # every request ends a block
+        self.r2t, self.pages = logical_layout(bs, ctx, b, g, contiguous)
+        self.jl = ctx // b - 1                         # the block pos_all ends: completed by a_all / b_all (and e)
+        lo = dense_start(ctx, b, window)               # the decode's dense window (the block jl lies inside it)
+        self.l2d, dense_tokens = dense_layout(self.pages, lo, ctx, b, g, contiguous)
+        # records of blocks 0 .. jl - 1: masks, then offsets, cursor and pages as the compaction writes them
+        keep_bits = torch.rand(bs, self.jl, n_layers, hkv, b, generator=g, device=device) < \
+            self.shares.view(1, 1, 1, hkv, 1)
+        keep_bits[:, 0] = True                                                     # the sink keeps everything
+        cnt = keep_bits.sum(-1).flatten(2)                                         # [bs, jl, layers * Hkv]
+        off = (cnt.cumsum(-1) - cnt).view(bs, self.jl, n_layers, hkv)
+        total = cnt.sum(-1)                                                        # [bs, jl] rows per record
+        used = -(-total // page_rows)
+        rec_pages = -(-n_layers * hkv * b // page_rows)                            # worst case (the sink's)
+        heap_pages = int(used.sum()) + bs * rec_pages + 1                          # page 0: the trash page
+        dims = ModelDims(n_layers, hkv, d, d, torch.empty(0, dtype=dtype).element_size())
+        self.plan = MemoryPlan(dims, b, window, dense_tokens, heap_pages, self.pages.numel() * b,
+                               max_pages_per_record=rec_pages, block_reserve_pages=rec_pages, expected_share=keep,
+                               decode_kept_rows=bs * self.r2t.shape[1] * hkv, reservation_rows=bs, budget_bytes=0,
+                               page_rows=page_rows)
+        self.store = st = CompressedStore(self.plan, device, chunk_tokens=b)
+        perm = _perm(heap_pages - 1, g, contiguous).to(torch.int32) + 1
+        u = used.flatten()
+        start = (u.cumsum(0) - u).view_as(used)                                    # records' first pages in perm
+        k = torch.arange(rec_pages, device=device)
+        table = torch.where(k < used[..., None], perm[(start[..., None] + k).clamp(max=perm.numel() - 1)], 0)
+        P = self.pages[:, :self.jl]
+        st.mask[P] = pack_bits(keep_bits)
+        st.off[P] = off.int()
+        st.cursor[P] = total.int()
+        st.page_table[P] = table.int()
+        n_used = int(used.sum())
+        reserved = perm[n_used:n_used + bs * rec_pages].view(bs, rec_pages)       # begin_forward's reservation
+        st.res_pages[:bs] = reserved
+        self.page = self.pages[:, self.jl]                                         # the step's records
+        self.record_pages = P
+        # the arena: random K/V; with poison, NaN where nothing should be read
+        self.arena_k = torch.empty(self.plan.arena_rows, d, dtype=dtype, device=device).normal_(generator=g)
+        self.arena_v = torch.empty_like(self.arena_k).normal_(generator=g)
+        if poison:
+            live = torch.zeros(self.plan.arena_rows, dtype=torch.bool, device=device)
+            pages_used = table[table > 0].long()
+            live[(pages_used[:, None] * page_rows + torch.arange(page_rows, device=device)).flatten()] = True
+            slots = self.l2d[self.r2t[1:, lo:ctx].long()].flatten()
+            for l in range(n_layers):
+                live[(self.plan.dense_base(l) + slots[:, None] * hkv + self.heads).flatten()] = True
+            self.arena_k[~live] = float("nan")
+            self.arena_v[~live] = float("nan")
+        # static per-step inputs (what the backend computes from the forward batch)
+        # (positions, logical pages of their blocks (out_cache_loc // b), valid = ends a block) of each step kind
+        self.at = {name: (p, self.r2t[self.rows, p].long() // b, (p + 1) % b == 0)
+                   for name, p in (("step", self.pos), ("none", self.pos_none), ("all", self.pos_all))}
+        self.slot_of = torch.arange(bs, dtype=torch.int32, device=device)
+        # the per-batch tables the host fills before a decode graph replay (TCAAttnBackend._set_decode_metadata):
+        # the dense slots of each request's window and the logical page of each block
+        width = self.r2t.shape[1]
+        r2t_rows = self.r2t[self.rows].long()
+        self.dense_first = torch.full((bs,), lo, dtype=torch.int32, device=device)
+        win = (lo + torch.arange(window + b, device=device)).clamp(max=width - 1)
+        self.dense_slots = self.l2d[r2t_rows[:, win]]
+        self.block_pages = (r2t_rows[:, 0:width:b] // b).int()
         self.qo_indptr = torch.arange(bs + 1, dtype=torch.int32, device=device)
-        self.kept_buf = torch.empty(bs * ctx * hkv, dtype=torch.int32, device=device)   # the backend's capacity
+        self.kept_buf = torch.empty(self.plan.decode_kept_rows, dtype=torch.int32, device=device)
+        self.pos_buf = torch.empty_like(self.kept_buf)
         self.out = torch.empty_like(self.q)
-        # c's input: each layer's lists at ctx - 1, built once (compact copies)
+        self.built_share = self.mask_share()          # before any selection overwrites a mask (a_all, e)
+        # d's input: each layer's lists at ctx - 1, built once (compact copies; positions for the reference)
         self.lists = []
         for l in range(n_layers):
-            indptr = self.kept_lists(l)
-            self.lists.append((indptr.clone(), self.kept_buf[: int(indptr[-1])].clone()))
+            indptr = self.kept_lists(l, self.pos_buf)
+            n = int(indptr[-1])
+            self.lists.append((indptr.clone(), self.kept_buf[:n].clone(), self.pos_buf[:n].clone()))
+        self._dense = None
 
     # the pieces ----------------------------------------------------------------------------------------------
-    def select(self, l, pos=None, loc=None):
-        pos = self.pos if pos is None else pos
-        loc = self.loc if loc is None else loc
-        select_at_slots(self.q, pos, loc, self.rows, self.r2t, self.k[l], self.thr, self.bits[l], self.block,
-                        self.scale)
+    def k_dense(self, l):
+        base, n = self.plan.dense_base(l), (self.plan.dense_tokens + self.block) * self.hkv
+        return self.arena_k[base:base + n].view(-1, self.hkv, self.d)
+
+    def select(self, l, at="step"):
+        pos, page, valid = self.at[at]
+        select_blocks(self.q, pos, page, self.l2d, self.k_dense(l), self.thr, self.store.mask, self.block, l,
+                      self.scale, "tca", self.heads, valid=valid)
 
     def select_none(self, l):
-        self.select(l, self.pos_none, self.loc_none)
+        self.select(l, "none")
 
     def select_all(self, l):
-        self.select(l, self.pos_all, self.loc_all)
+        self.select(l, "all")
 
-    def kept_lists(self, l):
-        return kept_lists_from_bits(self.bits[l], self.r2t, self.rows, self.pos, self.block, self.window,
-                                    self.kept_buf, self.ctx)
+    def compact(self, l, at="step"):
+        pos, page, _ = self.at[at]
+        compact_blocks(self.arena_k, self.arena_v, self.l2d, page, self.slot_of, self.store, l,
+                       self.plan.dense_base(l), self.block, positions=pos)
+
+    def compact_none(self, l):
+        self.compact(l, "none")
+
+    def compact_all(self, l):
+        self.compact(l, "all")
+
+    def kept_lists(self, l, kept_pos=None):
+        return kept_lists(self.store, l, self.r2t, self.rows, self.pos, self.window, self.kept_buf,
+                          self.r2t.shape[1], kept_pos, block_pages=self.block_pages)
 
     def attend(self, l, indptr=None, kept=None):
         if indptr is None:
-            indptr, kept = self.lists[l]
-        return tca_sparse_attention(self.q, self.k[l], self.v[l], self.r2t, self.rows, self.pos, self.qo_indptr,
-                                    indptr, kept, self.block, self.window, self.scale, out=self.out, max_q_len=1)
+            indptr, kept, _ = self.lists[l]
+        return tca_sparse_attention(self.q, self.arena_k, self.arena_v, self.plan.dense_base(l), self.hkv, self.l2d,
+                                    self.r2t, self.rows, self.pos, self.qo_indptr, indptr, kept, None, self.block,
+                                    self.window, self.scale, out=self.out, dense_slots=self.dense_slots,
+                                    dense_first=self.dense_first, max_q_len=1)
 
     def step(self, l):
-        """a + b + c, as TCAAttnBackend.forward_decode runs them after set_kv_buffer."""
+        """a + b + c + d, as TCAAttnBackend.forward_decode runs them after set_kv_buffer."""
         self.select(l)
+        self.compact(l)
         return self.attend(l, self.kept_lists(l), self.kept_buf)
+
+    def dense_pools(self):
+        """(K, V [n_layers, slots, Hkv, D], req_to_token of slots) for the dense baselines, built on first use."""
+        if self._dense is None:
+            g = torch.Generator(device=self.q.device).manual_seed(self.seed + 1)
+            self._dense = make_kv(self.bs, self.ctx, self.hkv, self.d, self.dtype, g, self.n_layers,
+                                  self.contiguous)
+        return self._dense
 
     # what the step reads, and checks -------------------------------------------------------------------------
     def read_share(self, l=0):
         """(sink + kept + window) / ctx that position ctx - 1 reads, mean over requests and KV heads."""
         n = self.ctx
-        indptr = self.lists[l][0]
-        kept = indptr.diff().double().mean().item() if indptr.numel() > 1 else 0.0
-        return (min(self.block, n) + kept + n - dense_start(n, self.block, self.window)) / n
+        kept = self.lists[l][0].diff().double().mean().item()                      # the sink included
+        return (kept + n - dense_start(n, self.block, self.window)) / n
 
-    def bits_share(self, l=0):
-        """Per-head share of set bits at every block-end slot make_slot_bits wrote (a_all and d overwrite the last
-        block's mask with a real selection)."""
-        ends = torch.arange(2 * self.block - 1, self.ctx, self.block, device=self.r2t.device)
-        bits = self.bits[l][self.r2t[1:self.bs + 1][:, ends].long()]                # [bs, nb, Hkv]
-        return unpack_bits(bits, self.block).float().mean(dim=(0, 1, 3))
+    def mask_share(self):
+        """Per-head share of set bits in the built records of blocks j >= 1, all layers (the sink keeps all)."""
+        bits = self.store.mask[self.record_pages[:, 1:]]                           # [bs, jl - 1, layers, Hkv]
+        return unpack_bits(bits, self.block).float().mean(dim=(0, 1, 2, 4))
 
     def ref_lists(self, l=0):
-        """CSR lists at ctx - 1 from `selection.kept_positions` (torch reference of b)."""
-        r2t, bits = self.r2t.cpu(), self.bits[l].cpu()
-        ls = [x for r in range(self.bs)
-              for x in kept_positions(r + 1, self.ctx, r2t, bits, self.block, self.window)]
-        indptr = torch.tensor([0] + [len(x) for x in ls]).cumsum(0).int()
-        kept = torch.cat(ls).int() if ls else torch.zeros(0, dtype=torch.int32)
-        return indptr.to(self.q.device), kept.to(self.q.device)
+        """CSR lists (indptr, rows, positions) at ctx - 1, read from the store's records in plain Python (the
+        reference of c): block j of request row r is record P = req_to_token[r, j*b] // b, its kept tokens the set
+        bits of mask[P, l, h] from virtual row off[P, l, h] on, at page_table[P, v // R] * R + v % R."""
+        b, R = self.block, self.plan.page_rows
+        mask, off, pt = self.store.mask.cpu(), self.store.off.cpu(), self.store.page_table.cpu()
+        r2t = self.r2t.cpu()
+        nb = dense_start(self.ctx, b, self.window) // b                              # blocks 0 .. nb - 1
+        indptr, rows, pos = [0], [], []
+        for r in self.rows.tolist():
+            for h in range(self.hkv):
+                for j in range(nb):
+                    P = int(r2t[r, j * b]) // b
+                    bits, v = int(mask[P, l, h]), int(off[P, l, h])
+                    for t in range(b):
+                        if (bits >> t) & 1:
+                            pos.append(j * b + t)
+                            rows.append(int(pt[P, v // R]) * R + v % R)
+                            v += 1
+                indptr.append(len(rows))
+        dev = self.q.device
+        as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)           # noqa: E731
+        return as_t(indptr), as_t(rows), as_t(pos)
+
+    def reference(self, l, indptr, rows, pos, n_req=None):
+        n_req = self.bs if n_req is None else n_req
+        return tca_sparse_attention_ref(self.q[:n_req], self.arena_k, self.arena_v, self.plan.dense_base(l),
+                                        self.hkv, self.l2d, self.r2t, self.rows[:n_req], self.pos[:n_req],
+                                        self.qo_indptr[:n_req + 1], indptr[:n_req * self.hkv + 1], rows, pos,
+                                        self.block, self.window, self.scale)
 
     def attention_error(self, l=0, n_req=1):
-        """Max |c - tca_sparse_attention_ref| over the first n_req requests (layer l's precomputed lists)."""
+        """Max |d - tca_sparse_attention_ref| over the first n_req requests (layer l's precomputed lists)."""
         n_req = min(n_req, self.bs)
-        hkv = self.k.shape[2]
-        indptr, kept = self.lists[l]
+        indptr, rows, pos = self.lists[l]
         got = self.attend(l)[:n_req].float()
-        want = tca_sparse_attention_ref(self.q[:n_req], self.k[l], self.v[l], self.r2t, self.rows[:n_req],
-                                        self.pos[:n_req], self.qo_indptr[:n_req + 1], indptr[:n_req * hkv + 1],
-                                        kept, self.block, self.window, self.scale)
-        return (got - want.float()).abs().max().item()
+        return (got - self.reference(l, indptr, rows, pos, n_req).float()).abs().max().item()
 
-    def smoke_checks(self, l=0):
-        """Checks of the construction and the pipeline (tiny shapes; slow reference paths). Returns a dict."""
-        hkv = self.k.shape[2]
-        res = {"bits_share": self.built_share.tolist(), "target_share": self.shares.tolist()}
-        # b equals the torch reference view of the masks
-        ref_indptr, ref_kept = self.ref_lists(l)
-        indptr, kept = self.lists[l]
-        res["lists_match"] = bool(torch.equal(indptr.cpu(), ref_indptr.cpu()) and torch.equal(kept.cpu(),
-                                                                                               ref_kept.cpu()))
-        # a_none writes no mask but slot 0's; a_all writes exactly the block-end slot of every request
-        before = self.bits[l].clone()
+    def smoke_checks(self):
+        """Checks of the construction and of every piece (tiny shapes; slow reference paths). Returns a dict."""
+        st, hkv = self.store, self.hkv
+        res = {"mask_share": self.built_share.tolist(), "target_share": self.shares.tolist()}
+        # c equals the plain-Python view of the records, rows and (asked for) positions, at every layer
+        match = True
+        for l in range(self.n_layers):
+            want = self.ref_lists(l)
+            indptr, rows, pos = self.lists[l]
+            match &= all(torch.equal(x.cpu(), y.cpu()) for x, y in zip((indptr, rows, pos), want))
+            got = self.kept_lists(l)                                               # rows only, as decode runs it
+            match &= torch.equal(got.cpu(), want[0].cpu()) and torch.equal(self.kept_buf[:int(got[-1])].cpu(),
+                                                                           want[1].cpu())
+        res["lists_match"] = bool(match)
+        # a_none writes no mask but the padding page's; a_all exactly the step's records, at its layer only
+        l = 0
+        before = st.mask.clone()
         self.select_none(l)
-        changed = (self.bits[l] != before).any(1).nonzero().flatten().tolist()
-        res["a_none_writes_only_slot0"] = set(changed) <= {0}
-        self.bits[l][0] = before[0]
-        self.bits[l][self.loc_all] = 0                       # a selection keeps >= 1 token: its mask is non-zero
-        before = self.bits[l].clone()
+        changed = (st.mask != before).flatten(1).any(1).nonzero().flatten().tolist()
+        res["a_none_writes_only_page0"] = set(changed) <= {0}
+        st.mask[0] = before[0]
+        st.mask[self.page] = 0                    # the pieces ran already; a selection keeps >= 1 token per head
+        before = st.mask.clone()
         self.select_all(l)
-        changed = (self.bits[l] != before).any(1).nonzero().flatten().tolist()
-        res["a_all_writes_block_ends"] = sorted(changed) == sorted(self.loc_all.tolist())
-        # d (select + lists + attention) equals the reference attention over the reference lists
-        out = self.step(l).float().clone()
-        ref_indptr, ref_kept = self.ref_lists(l)
-        want = tca_sparse_attention_ref(self.q, self.k[l], self.v[l], self.r2t, self.rows, self.pos, self.qo_indptr,
-                                        ref_indptr, ref_kept, self.block, self.window, self.scale)
-        res["step_err"] = (out - want.float()).abs().max().item()
-        res["attention_err"] = self.attention_error(l, self.bs)
-        res["read_share"] = self.read_share(l)
+        diff = st.mask != before                                                    # [pages, layers, Hkv]
+        res["a_all_writes_block_ends"] = (sorted(diff.flatten(1).any(1).nonzero().flatten().tolist())
+                                          == sorted(self.page.tolist()) and not diff[:, 1:].any().item())
+        # b_none writes nothing; b_all (every layer in order, as a forward) stores the kept keys where the records say
+        for l in range(self.n_layers):
+            self.select_all(l)
+        tables = [x.clone() for x in (st.off, st.cursor, st.page_table, st.out_rows, self.arena_k, self.arena_v)]
+        for l in range(self.n_layers):
+            self.compact_none(l)
+        after = (st.off, st.cursor, st.page_table, st.out_rows, self.arena_k, self.arena_v)
+        res["b_none_writes_nothing"] = all(_same(x, y) for x, y in zip(tables, after))
+        for l in range(self.n_layers):
+            self.compact_all(l)
+        res["b_all_compacts_block_ends"] = self.check_compacted()
+        # e (select + compact + lists + attention) per layer, and d, equal the reference over the reference lists
+        errs = []
+        for l in range(self.n_layers):
+            out = self.step(l).float().clone()
+            errs.append((out - self.reference(l, *self.ref_lists(l)).float()).abs().max().item())
+        res["step_err"] = max(errs)
+        res["attention_err"] = max(self.attention_error(l, self.bs) for l in range(self.n_layers))
+        res["read_share"] = self.read_share()
         res["hkv"] = hkv
         return res
+
+    def check_compacted(self) -> bool:
+        """After b_all at every layer: each step record's rows hold its kept keys (from the dense buffer), its
+        page table is its reservation, and the row count reported to the host is its cursor."""
+        st, b, R = self.store, self.block, self.plan.page_rows
+        ok = True
+        for r, P in enumerate(self.page.tolist()):
+            ok &= torch.equal(st.page_table[P], st.res_pages[r])
+            v_end = 0
+            for l in range(self.n_layers):
+                kd = self.k_dense(l)
+                slots = self.l2d[P * b + torch.arange(b, device=kd.device)]
+                for h in range(self.hkv):
+                    keep = unpack_bits(st.mask[P, l, h], b)
+                    v = int(st.off[P, l, h]) + torch.arange(int(keep.sum()), device=kd.device)
+                    ok &= int(st.off[P, l, h]) == v_end
+                    v_end += int(keep.sum())
+                    rows = st.page_table[P, v // R].long() * R + v % R
+                    ok &= torch.equal(self.arena_k[rows], kd[slots[keep], h])
+            ok &= int(st.cursor[P]) == v_end and int(st.out_rows[r]) == v_end and int(st.out_page[r]) == P
+        return bool(ok)
 
 
 def triton_dense_decode(case: DecodeCase, max_kv_splits: int = 8):
@@ -322,13 +561,14 @@ def triton_dense_decode(case: DecodeCase, max_kv_splits: int = 8):
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
     import triton
 
+    k, v, r2t = case.dense_pools()
     bs, ctx, dev = case.bs, case.ctx, case.q.device
-    hq, dv = case.q.shape[1], case.v.shape[3]
-    hkv = case.k.shape[2]
+    hq, dv = case.q.shape[1], v.shape[3]
+    hkv = k.shape[2]
     seq_lens = case.pos + 1
     kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
     kv_indptr[1:] = torch.cumsum(seq_lens, 0)
-    kv_indices = case.r2t[case.rows][:, :ctx].reshape(-1).long()                   # every request has ctx tokens
+    kv_indices = r2t[case.rows][:, :ctx].reshape(-1).long()                        # every request has ctx tokens
     num_kv_splits = torch.empty(bs, dtype=torch.int32, device=dev)
     get_num_kv_splits_triton[(1,)](num_kv_splits, seq_lens, bs, 1, hq, hkv, max_kv_splits,
                                    torch.cuda.get_device_properties(dev).multi_processor_count,
@@ -339,7 +579,7 @@ def triton_dense_decode(case: DecodeCase, max_kv_splits: int = 8):
     use_pdl = torch.cuda.get_device_capability(dev)[0] >= 9
 
     def fn(l):
-        decode_attention_fwd(case.q, case.k[l], case.v[l], out, kv_indptr, kv_indices, attn_logits, attn_lse,
+        decode_attention_fwd(case.q, k[l], v[l], out, kv_indptr, kv_indices, attn_logits, attn_lse,
                              num_kv_splits, max_kv_splits, case.scale, 1.0, 1.0, logit_cap=0.0, sinks=None,
                              xai_temperature_len=-1, has_mla=False, use_pdl=use_pdl, page_size=1)
         return out
@@ -353,15 +593,16 @@ def flashinfer_decode(case: DecodeCase):
     page size 1, planned outside the graph; forward(q, (k, v), sm_scale) inside."""
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper
 
+    k, v, r2t = case.dense_pools()
     bs, ctx, dev, dtype = case.bs, case.ctx, case.q.device, case.q.dtype
-    hq, hkv, d = case.q.shape[1], case.k.shape[2], case.k.shape[3]
+    hq, hkv, d = case.q.shape[1], k.shape[2], k.shape[3]
     env = os.environ.get("SGLANG_FLASHINFER_USE_TENSOR_CORE")
     use_tc = env.lower() == "true" if env is not None else (hq // hkv >= 4 and dtype in (torch.float16,
                                                                                              torch.bfloat16))
     workspace = torch.zeros(384 * 1024 * 1024, dtype=torch.uint8, device=dev)
     indptr = torch.zeros(bs + 1, dtype=torch.int32, device=dev)
     indptr[1:] = torch.cumsum(case.pos + 1, 0)
-    indices = case.r2t[case.rows][:, :ctx].reshape(-1).int().contiguous()
+    indices = r2t[case.rows][:, :ctx].reshape(-1).int().contiguous()
     last_page_len = torch.ones(bs, dtype=torch.int32, device=dev)
     wrapper = BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2", use_cuda_graph=True,
                                                  use_tensor_cores=use_tc, paged_kv_indptr_buffer=indptr,
@@ -371,7 +612,7 @@ def flashinfer_decode(case: DecodeCase):
                  non_blocking=True, fixed_split_size=None, disable_split_kv=False)
 
     def fn(l):
-        return wrapper.forward(case.q, (case.k[l], case.v[l]), sm_scale=case.scale, logits_soft_cap=0.0,
+        return wrapper.forward(case.q, (k[l], v[l]), sm_scale=case.scale, logits_soft_cap=0.0,
                                k_scale=None, v_scale=None)
     fn.keep_alive = (workspace, wrapper)
     return fn, dict(flashinfer_tensor_cores=use_tc)
@@ -416,23 +657,26 @@ def graph_ms(fn, n_layers: int, target_ms: float = 20.0, max_calls: int = 512, r
 
 
 def auto_pool_layers(bs, ctx, hkv, d, dtype, target_bytes=1 << 30):
-    """Layer copies so that one round over them holds ~1 GiB of K/V (2 to 8)."""
+    """Layer copies so that one round over them holds ~1 GiB of dense K/V (2 to 8); TCA's compressed layers are
+    smaller, and still far beyond L2 at these sizes."""
     per_layer = 2 * (bs * ctx + 64) * hkv * d * torch.empty(0, dtype=dtype).element_size()
     return max(2, min(8, math.ceil(target_bytes / per_layer)))
 
 
-PIECES = [("a_none", "select, no block end"), ("a_all", "select, all end a block"), ("b", "kept lists"),
-          ("c", "attention"), ("d", "a+b+c graph"), ("e", "triton dense"), ("f", "flashinfer")]
+PIECES = [("a_none", "select, no block end"), ("a_all", "select, all end a block"),
+          ("b_none", "compact, no block end"), ("b_all", "compact, all end a block"), ("c", "kept lists"),
+          ("d", "attention"), ("e", "a+b+c+d graph"), ("f", "triton dense"), ("g", "flashinfer")]
+PROJECTED = ("e", "f", "g")            # per-token projections (x --layers)
 
 
 def breakdown_table(rows, layers) -> str:
     fmt = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"  # noqa: E731
     head = (["ctx", "bs", "KV read"] + [f"{k}: {name}" for k, name in PIECES]
-            + [f"{k} x{layers} (ms/token)" for k in ("d", "e", "f")])
+            + [f"{k} x{layers} (ms/token)" for k in PROJECTED])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["ctx"]), str(r["bs"]), f"{r['read']:.3f}"] + [fmt(r[f"{k}_ms"]) for k, _ in PIECES]
-        cells += [fmt(r[f"{k}_ms"] * layers if r[f"{k}_ms"] is not None else None) for k in ("d", "e", "f")]
+        cells += [fmt(r[f"{k}_ms"] * layers if r[f"{k}_ms"] is not None else None) for k in PROJECTED]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -457,14 +701,15 @@ def run_decode_breakdown(a):
             t_case = time.time()
             n_layers = a.pool_layers or (auto_pool_layers(bs, ctx, a.hkv, a.d, dtype) if on_gpu else 2)
             case = DecodeCase(ctx, bs, a.hq, a.hkv, a.d, a.block, a.window, keep, dtype, dev, n_layers,
-                              contiguous=a.contiguous)
+                              contiguous=a.contiguous, poison=a.smoke)
             row = dict(mode="decode_breakdown", ctx=ctx, bs=bs, pool_layers=n_layers, keep=keep,
-                       read=case.read_share(), bits_share=case.built_share.mean().item(), layers=a.layers)
-            fns = dict(a_none=case.select_none, a_all=case.select_all, b=case.kept_lists, c=case.attend,
-                       d=case.step)
+                       read=case.read_share(), mask_share=case.built_share.mean().item(), layers=a.layers,
+                       store_pages=case.plan.heap_pages, arena_rows=case.plan.arena_rows)
+            fns = dict(a_none=case.select_none, a_all=case.select_all, b_none=case.compact_none,
+                       b_all=case.compact_all, c=case.kept_lists, d=case.attend, e=case.step)
             notes = {}
             if not a.no_dense and on_gpu:
-                for key, make in (("e", triton_dense_decode), ("f", flashinfer_decode)):
+                for key, make in (("f", triton_dense_decode), ("g", flashinfer_decode)):
                     try:
                         fns[key], info = make(case)
                         row.update(info)
@@ -475,7 +720,7 @@ def run_decode_breakdown(a):
                 fn = fns.get(key)
                 if fn is None:
                     row[f"{key}_ms"] = None
-                elif on_gpu and key in ("e", "f"):
+                elif on_gpu and key in ("f", "g"):
                     try:                                         # e.g. FlashInfer has no head_dim 16 (--smoke)
                         row[f"{key}_ms"] = graph_ms(fn, n_layers)
                     except Exception as e:
@@ -489,10 +734,10 @@ def run_decode_breakdown(a):
                     for l in range(n_layers):                    # CPU: exercise the piece, no timing
                         fn(l)
                     row[f"{key}_ms"] = float("nan")
-            row["abc_sum_ms"] = row["a_none_ms"] + row["b_ms"] + row["c_ms"]
+            row["abcd_sum_ms"] = row["a_none_ms"] + row["b_none_ms"] + row["c_ms"] + row["d_ms"]
             row["attention_err_req0"] = case.attention_error()
-            if "e" in fns and "f" in fns:
-                row["e_vs_f_err"] = (fns["e"](0).float() - fns["f"](0).float()).abs().max().item()
+            if "f" in fns and "g" in fns:
+                row["f_vs_g_err"] = (fns["f"](0).float() - fns["g"](0).float()).abs().max().item()
             if a.smoke:
                 row["smoke"] = case.smoke_checks()
             if notes:
@@ -500,8 +745,8 @@ def run_decode_breakdown(a):
             rows.append(row)
             msg = " ".join(f"{k}={row[f'{k}_ms']:.4f}" for k, _ in PIECES if row[f"{k}_ms"] is not None)
             print(f"ctx={ctx} bs={bs} pool_layers={n_layers} read={row['read']:.3f} "
-                  f"bits_share={row['bits_share']:.3f}  {msg} ms/layer  |c-ref|={row['attention_err_req0']:.2e}"
-                  + (f" |e-f|={row['e_vs_f_err']:.2e}" if "e_vs_f_err" in row else "")
+                  f"mask_share={row['mask_share']:.3f}  {msg} ms/layer  |d-ref|={row['attention_err_req0']:.2e}"
+                  + (f" |f-g|={row['f_vs_g_err']:.2e}" if "f_vs_g_err" in row else "")
                   + f"  ({time.time() - t_case:.1f} s)", flush=True)
             if a.smoke:
                 print(f"  smoke checks: {row['smoke']}", flush=True)
@@ -518,7 +763,7 @@ def run_decode_breakdown(a):
     return rows
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, nargs="+", default=None,
                     help="context lengths (default 8192 32768; --decode-breakdown: 32768 129024)")
@@ -538,24 +783,26 @@ def main():
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
     ap.add_argument("--contiguous", action="store_true",
-                    help="give each request contiguous slots (what SGLang's allocator mostly does); default shuffled")
+                    help="give each request contiguous logical and dense pages and store rows in order (what "
+                         "SGLang's allocator mostly does early on); default shuffled")
     ap.add_argument("--no-dense", action="store_true",
-                    help="skip the tca_all and dense columns (tuning); --decode-breakdown: skip e and f")
+                    help="skip the tca_all and dense columns (tuning); --decode-breakdown: skip f and g")
     ap.add_argument("--no-graph", action="store_true",
                     help="time eager launches (do_bench) instead of CUDA-graph replays (do_bench_cudagraph); eager "
                          "small decodes then measure the Python launch overhead, not the GPU")
     ap.add_argument("--json", default=None)
     bd = ap.add_argument_group("decode breakdown")
     bd.add_argument("--decode-breakdown", action="store_true",
-                    help="per-layer time of TCA's decode pieces (select, kept lists, attention, all three) next to "
-                         "SGLang's triton and flashinfer decode (see above)")
+                    help="per-layer time of TCA's decode pieces (selection, compaction, kept lists, attention, all "
+                         "four) next to SGLang's triton and flashinfer decode (see above)")
     bd.add_argument("--layers", type=int, default=32, help="layers per token for the ms/token projection")
     bd.add_argument("--pool-layers", type=int, default=None,
-                    help="layer copies visited in turn (default: ~1 GiB of K/V, 2..8; CPU: 2)")
+                    help="layers built and visited in turn (default: ~1 GiB of dense K/V, 2..8; CPU: 2)")
     bd.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     bd.add_argument("--smoke", action="store_true",
-                    help="tiny shapes (Hq 4, Hkv 2, D 16, b 16, w 64, ctx 200 256, bs 1 3) plus correctness checks")
-    a = ap.parse_args()
+                    help="tiny shapes (Hq 4, Hkv 2, D 16, b 16, w 64, ctx 200 256, bs 1 3), NaN in every arena row "
+                         "nothing should read, plus correctness checks")
+    a = ap.parse_args(argv)
     if a.decode_breakdown:
         run_decode_breakdown(a)
         return
@@ -587,6 +834,8 @@ def main():
     for mode, bs, ctx, q_len in cases:
         common, sparse, full, read = make_pool(bs, ctx, q_len, a.hq, a.hkv, a.d, a.block, a.window, a.keep, dtype,
                                                contiguous=a.contiguous)
+        if mode == "decode":                  # as the server's decode: no positions, every kept key visible
+            sparse, full = {**sparse, "kept_pos": None}, {**full, "kept_pos": None}
         kw = dict(max_q_len=q_len, num_kv_splits=a.splits, block_m=a.block_m, block_n=a.block_n,
                   num_warps=a.num_warps, num_stages=a.num_stages)
         out = torch.empty(bs * q_len, a.hq, a.d, device="cuda", dtype=dtype)
