@@ -1,12 +1,17 @@
-"""GPU check of TCA inside SGLang (offline Engine, same API as the server) on the embedded SmolLM2.
+"""GPU check of TCA inside SGLang (offline Engine, same API as the server) on the embedded SmolLM2, on freed KV memory.
 
-    python bench/serve_check.py --model DIR --budgets FILE [--out DIR]
+    python bench/serve_check.py --model DIR --budgets FILE [--out DIR] [--chunk N]
 
+Every run uses the same prefill chunk size (--chunk, default 1024, so prompts above it are prefilled in chunks),
+and TCA runs with SGLang's strict memory checks on while busy (SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1) and at
+idle (the default), so a leak or an accounting error in the pools stops the run.
 1. keep-all budgets: greedy tokens of TCA == SGLang's dense `triton` backend, prompts of 100..8K tokens batched,
-   and identical between two TCA runs; the same with the question-aware end of prompt (--tca-observe 32);
+   and identical between two TCA runs;
 2. calibrated budgets: passkey retrieval at 4K and 8K tokens, dense vs TCA;
-3. radix reuse: one document, two questions, sent one after the other: tokens equal to a run with the radix cache
-   disabled, and the second request's cached-token count shows the hit.
+3. radix reuse: one document, two questions sent one after the other, then a conversation's next turn (the first
+   turn's whole sequence + a new question): tokens equal to a run with the radix cache disabled, and the cached-token
+   counts show the hits;
+4. memory: TCA's split and the store's use after the runs (`/get_server_info` -> internal_states -> tca).
 Prints a markdown table last and writes it (and the raw outputs) under --out.
 """
 from __future__ import annotations
@@ -26,11 +31,11 @@ from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 LENGTHS = (100, 1000, 2000, 4000, 8000)
 
 
-def engine(model, backend, budgets=None, observe=None, **kw):
+def engine(model, backend, budgets=None, **kw):
     from sglang_tca.config import TCAConfig
     from sglang_tca.engine import Engine
 
-    tca = TCAConfig(budgets=str(budgets), observe=observe) if budgets is not None else None
+    tca = TCAConfig(budgets=str(budgets)) if budgets is not None else None
     return Engine(model_path=str(model), attention_backend=backend, tca=tca, disable_prefill_cuda_graph=True,
                   log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
 
@@ -45,6 +50,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--budgets", default=str(EMBEDDED_BUDGETS))
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/serve_check"))
+    ap.add_argument("--chunk", type=int, default=1024)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,8 +82,12 @@ def main():
         print(f"[serve_check] {name}: {time.time() - t0:.1f}s", flush=True)
         return r
 
-    def run_suite(tag, backend, budgets=None, observe=None, **kw):
-        eng = timed(f"start {tag}", lambda: engine(args.model, backend, budgets, observe, **kw))
+    def run_suite(tag, backend, budgets=None, **kw):
+        if backend == "tca":
+            os.environ["SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY"] = "1"
+        eng = timed(f"start {tag}", lambda: engine(args.model, backend, budgets, chunked_prefill_size=args.chunk,
+                                                    **kw))
+        os.environ.pop("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY", None)
         try:
             res = {"lengths": timed(f"{tag} lengths", lambda: generate(eng, prompts)[0])}
             res["lengths_again"] = generate(eng, prompts)[0]
@@ -86,7 +96,12 @@ def main():
             for qn in questions:                                  # one after the other: the second hits the cache
                 ids, cached = generate(eng, [doc + qn])
                 seq.append((ids[0], cached[0]))
+            turn1 = doc + questions[0] + seq[0][0]                 # the next turn of the first conversation
+            ids, cached = generate(eng, [turn1 + questions[1]])
+            seq.append((ids[0], cached[0], len(turn1)))
             res["radix"] = seq
+            if backend == "tca":
+                res["memory"] = eng.get_server_info()["internal_states"][0]["tca"]
         finally:
             eng.shutdown()
         raw[tag] = res
@@ -94,7 +109,6 @@ def main():
 
     dense = run_suite("dense triton", "triton")
     keep = run_suite("tca keep-all", "tca", keep_all)
-    keep_obs = run_suite("tca keep-all, observe 32", "tca", keep_all, observe=32)
     cal = run_suite("tca calibrated", "tca", args.budgets)
     nor = run_suite("tca calibrated, radix off", "tca", args.budgets, disable_radix_cache=True)
 
@@ -103,18 +117,23 @@ def main():
                  f"({', '.join(str(n) for n, s in zip(LENGTHS, same) if not s) or 'all lengths'} differ)" if not all(same)
                  else f"{len(same)}/{len(same)} prompts identical ({LENGTHS[0]}..{LENGTHS[-1]} tokens)"))
     rows.append(("keep-all TCA run twice identical", str(keep["lengths"] == keep["lengths_again"])))
-    same_obs = sum(a == b for a, b in zip(keep_obs["lengths"], dense["lengths"]))
-    rows.append(("keep-all TCA with --tca-observe 32 == dense triton", f"{same_obs}/{len(LENGTHS)} prompts"))
     for L in pk:
         for tag, res in (("dense", dense), ("TCA calibrated", cal)):
             hits = sum(str(k) in t for k, t in zip(keys, res["passkey"][L]))
             rows.append((f"passkey {L} tokens, {tag}", f"{hits}/{len(keys)}"))
-    rows.append(("radix on vs off: same tokens (2 questions on one document)",
+    rows.append(("radix on vs off: same tokens (2 questions on one document, then the next turn)",
                  str([a[0] for a in cal["radix"]] == [a[0] for a in nor["radix"]])))
-    rows.append(("second request cached tokens (radix on / off)", f"{cal['radix'][1][1]} / {nor['radix'][1][1]}"))
+    rows.append(("second question cached tokens (radix on / off)", f"{cal['radix'][1][1]} / {nor['radix'][1][1]}"))
+    rows.append(("next turn cached tokens (radix on / off; previous sequence length)",
+                 f"{cal['radix'][2][1]} / {nor['radix'][2][1]} ({cal['radix'][2][2]})"))
+    m = cal["memory"]
+    rows.append(("TCA memory after the calibrated run", f"dense pool {m['dense_tokens']} tokens, store "
+                 f"{m['store_pages']} pages ({m['store_used_pages']} in use by {m['records']} cached blocks), "
+                 f"{m['logical_tokens']} logical ids"))
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     table = (f"# serve_check ({datetime.date.today()}, {dev}, sglang {sglang.__version__}, torch {torch.__version__})\n\n"
-             f"command: `python bench/serve_check.py --model DIR --budgets {args.budgets}`\n\n| check | result |\n|---|---|\n"
+             f"command: `python bench/serve_check.py --model DIR --budgets {args.budgets} --chunk {args.chunk}`"
+             f"\n\n| check | result |\n|---|---|\n"
              + "".join(f"| {a} | {b} |\n" for a, b in rows))
     (out / "serve_check.md").write_text(table)
     (out / "serve_check_raw.json").write_text(json.dumps(raw, default=str)[:2_000_000])

@@ -23,7 +23,8 @@ MODEL = ROOT / "bench" / "llama31_8b"
 KS = (4, 8, 16, 32, 8, 16, 4, 32)
 
 
-def synthetic_budgets(path: Path):
+def synthetic_budgets(path: Path, ks=KS):
+    """Budgets where (layer l, KV head h) keeps exactly ks[(l + h) % len(ks)] tokens of every compressed block."""
     import math
 
     import torch
@@ -36,10 +37,10 @@ def synthetic_budgets(path: Path):
     T = torch.empty(L, H, kn - 1)
     for l in range(L):
         for h in range(H):
-            m = int(math.log2(KS[(l + h) % len(KS)]))
+            m = int(math.log2(ks[(l + h) % len(ks)]))
             P[l, h, m] = 1
             T[l, h, :m], T[l, h, m:] = -math.inf, math.inf          # every block keeps exactly 2**m tokens
-    b = Budgets(shape, 64, 1024, float("nan"), "block_last", "neff", P, T, {"synthetic": f"fixed k per head {KS}"})
+    b = Budgets(shape, 64, 1024, float("nan"), "block_last", "neff", P, T, {"synthetic": f"fixed k per head {ks}"})
     b.save(path)
     return b
 

@@ -25,6 +25,7 @@ PATCH_MODULES = (
     "kv_cache_builder_build_kv_cache",
     "tp_worker_forward_batch_generation",
     "scheduler_process_batch_result",
+    "scheduler_get_internal_state",
 )
 
 

@@ -48,7 +48,7 @@ def _tca_parser() -> argparse.ArgumentParser:
                         "tokens they and the answer see, same KV budget (default 0 = off; see docs/ALGORITHM.md)")
     g.add_argument("--tca-dense-tokens", type=int, metavar="N",
                    help="slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of the KV "
-                        "budget holds the compressed store (default: 15%% of the budget, or enough windows for "
+                        "budget holds the compressed store (default: 20%% of the budget, or enough windows for "
                         "--max-running-requests)")
     g.add_argument("--no-tca", action="store_true", help="serve with SGLang's default attention (dense baseline)")
     return p

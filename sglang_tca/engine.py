@@ -28,4 +28,9 @@ class Engine(_SGLangEngine):
             if kwargs.get("attention_backend") == "tca":
                 tca.resolve(kwargs["model_path"])          # bad budgets / window: a clear error here, not in a child
             tca.to_env(os.environ)
+        if kwargs.get("attention_backend") == "tca":          # TCA's memory: pages are blocks, its radix cache
+            from sglang_tca.config import load_runtime
+
+            kwargs.setdefault("page_size", load_runtime(kwargs["model_path"]).block)
+            kwargs.setdefault("radix_cache_backend", plugin.BACKEND_NAME)
         super().__init__(**kwargs)

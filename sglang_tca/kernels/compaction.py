@@ -37,13 +37,11 @@ def _compact_kernel(arena_k, arena_v, l2d, rec_page, positions, slot_of, res_pag
     slot = tl.load(slot_of + i).to(tl.int64)
     res_row = res_pages + slot * stride_res
     if layer == 0:
-        base = 0
         for c in range(0, MAX_PAGES, BLOCK_PAGES):
             offs = c + tl.arange(0, BLOCK_PAGES)
             m = offs < MAX_PAGES
             tl.store(page_table + p * stride_pt + offs, tl.load(res_row + offs, mask=m, other=0), mask=m)
-    else:
-        base = tl.load(cursor + p)
+    base = tl.where(layer == 0, 0, tl.load(cursor + p))                        # layer 0 starts the record
     t = tl.arange(0, BLOCK)
     d = tl.arange(0, BLOCK_D)
     md = d < D

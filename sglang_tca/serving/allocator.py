@@ -65,6 +65,23 @@ class TCATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
         """Logical ids -> dense slots, for SGLang's Triton kernels on batches that are dense throughout."""
         return self.full_to_swa_index_mapping[kv_indices]
 
+    def tca_stats(self) -> dict:
+        """The memory split and what is in use now (for /get_server_info), in tokens, pages and bytes."""
+        s, plan = self.store, self.store.plan
+        dense_used = plan.dense_tokens - self.swa_available_size()
+        store_used = plan.heap_pages - 1 - s.free_pages
+        logical_used = plan.logical_tokens - self.full_attn_allocator.available_size()
+        return {"dense_tokens": plan.dense_tokens, "dense_used_tokens": dense_used,
+                "store_pages": plan.heap_pages - 1, "store_used_pages": store_used,
+                "store_reserved_pages": s.reserved_pages, "records": s.n_records,
+                "logical_tokens": plan.logical_tokens, "logical_used_tokens": logical_used,
+                "store_capacity_tokens": self.full_available_size(),
+                "dense_bytes": plan.dense_bytes, "store_bytes": plan.heap_bytes,
+                "table_bytes": plan.table_bytes + plan.fixed_bytes, "page_bytes": plan.page_bytes,
+                "dense_token_bytes": plan.dims.cell, "expected_share": plan.expected_share,
+                "used_bytes": dense_used * plan.dims.cell + store_used * plan.page_bytes,
+                "used_table_bytes": logical_used // plan.block * plan.table_bytes_per_logical_page}
+
     def debug_print(self) -> str:
         s = self.store
         return (super().debug_print() + f"#tca-store-free-pages: {s.free_pages}, #tca-records: {s.n_records}, "

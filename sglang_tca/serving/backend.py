@@ -22,6 +22,7 @@ request, the share of its KV that its last token sees (`_record_kept`).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -68,6 +69,9 @@ class TCAAttnBackend(TritonAttnBackend):
         self._n_layers = n_layers
         self._arange = torch.arange(max(self.plan.reservation_rows, self.num_kv_head) + 2, dtype=torch.int32,
                                     device=dev)
+        # the kept-token lists of one attention call (static: never grown while serving; sglang_tca.serving.sizing)
+        self._kept_row = torch.empty(self.plan.decode_kept_rows, dtype=torch.int32, device=dev)
+        self._kept_pos = torch.empty(self.plan.extend_kept_rows, dtype=torch.int32, device=dev)
         ctx = self.req_to_token.shape[1]
         self._win_offsets = torch.arange(self.dense_window, device=dev)          # a decode query's dense window
         self._block_cols = torch.arange(0, ctx, self.block, device=dev)          # the first position of each block
@@ -80,7 +84,6 @@ class TCAAttnBackend(TritonAttnBackend):
         """Static buffers the captured decode graphs read (SGLang's Triton decode buffers are not needed)."""
         dev = self.req_to_token.device
         self._graph = dict(
-            kept_row=torch.empty(self.plan.decode_kept_rows, dtype=torch.int32, device=dev),
             dense_loc=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             dense_slots=torch.zeros(max_bs, self.dense_window, dtype=torch.int64, device=dev),
             dense_first=torch.zeros(max_bs, dtype=torch.int32, device=dev),
@@ -113,7 +116,7 @@ class TCAAttnBackend(TritonAttnBackend):
         if ends:
             self.store.res_pages[:bs].zero_()          # rows that end no block point at the trash page
             self._reserve([seq[i] - 1 for i in ends], ends)
-        rows, n = fb.req_pool_indices[:bs], fb.seq_lens[:bs]
+        rows, n = fb.req_pool_indices[:bs].long(), fb.seq_lens[:bs]
         first = torch.where(n >= self.block, dense_start(n, self.block, self.window), 0)
         pos = (first[:, None] + self._win_offsets).clamp(max=self.req_to_token.shape[1] - 1)
         dense_slots = self.l2d[self.req_to_token[rows[:, None], pos].long()]
@@ -126,15 +129,26 @@ class TCAAttnBackend(TritonAttnBackend):
             g["block_pages"][:bs].copy_(block_pages)
             g["dense_loc"][loc.numel():bs].zero_()      # padded rows write to the padding slot
             g["dense_loc"][:loc.numel()].copy_(loc)
-            self._decode = dict(kept_row=g["kept_row"], max_len=self.req_to_token.shape[1],
+            self._decode = dict(groups=[(0, bs)], max_len=self.req_to_token.shape[1],
                                 dense_slots=g["dense_slots"][:bs], dense_first=g["dense_first"][:bs],
                                 block_pages=g["block_pages"][:bs], dense_loc=g["dense_loc"][:bs])
         else:
-            max_len = max(seq + [1])
-            self._decode = dict(kept_row=torch.empty(bs * max_len * self.num_kv_head, dtype=torch.int32,
-                                                     device=n.device),
-                                max_len=max_len, dense_slots=dense_slots, dense_first=first.int(),
-                                block_pages=block_pages, dense_loc=loc)
+            self._decode = dict(groups=self._groups(seq, self._kept_row.numel()), max_len=max(seq + [1]),
+                                dense_slots=dense_slots, dense_first=first.int(), block_pages=block_pages,
+                                dense_loc=loc)
+
+    def _groups(self, seq_lens: list[int], capacity: int) -> list[tuple[int, int]]:
+        """Consecutive requests [a, b) whose kept lists (at most length x KV heads entries each) fit `capacity`
+        together; one request always fits (the buffers hold a full context)."""
+        groups, start, used = [], 0, 0
+        for i, n in enumerate(seq_lens):
+            need = n * self.num_kv_head
+            if used + need > capacity and i > start:
+                groups.append((start, i))
+                start, used = i, 0
+            used += need
+        groups.append((start, len(seq_lens)))
+        return groups
 
     def _set_extend_metadata(self, fb):
         rows, positions = block_end_rows(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu, self.block)
@@ -149,11 +163,13 @@ class TCAAttnBackend(TritonAttnBackend):
         if self._dense:
             super().init_forward_metadata(fb)
             return
-        self._qo_indptr = torch.nn.functional.pad(fb.extend_seq_lens.cumsum(0), (1, 0)).to(torch.int32)
-        cap = int(sum(fb.seq_lens_cpu)) * self.num_kv_head
-        self._kept_row = torch.empty(cap, dtype=torch.int32, device=dev)
-        self._kept_pos = torch.empty(cap, dtype=torch.int32, device=dev)
-        self._max_q = max(fb.extend_seq_lens_cpu)
+        ext, seq = list(fb.extend_seq_lens_cpu), fb.seq_lens_cpu.tolist()
+        qo = [0, *itertools.accumulate(ext)]
+        self._ext_groups = []                          # (requests a..b, their tokens t0..t1, qo_indptr, bounds)
+        for a, b in self._groups(seq, self._kept_pos.numel()):
+            indptr = torch.tensor([x - qo[a] for x in qo[a:b + 1]], dtype=torch.int32)
+            indptr = indptr.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else indptr
+            self._ext_groups.append((a, b, qo[a], qo[b], indptr, max(ext[a:b]), max(seq[a:b])))
 
     def finish_forward(self) -> list:
         """After the forward's last kernel was enqueued: start copying the new records' row counts to the host.
@@ -214,15 +230,21 @@ class TCAAttnBackend(TritonAttnBackend):
                 self.pool.swa_kv_pool.set_kv_buffer(None, self._dense_loc, k, v, layer_id_override=l)
             self._select_and_compact(q, layer, forward_batch, decode=False)
             fb = forward_batch
-            kept_indptr = kept_lists(self.store, l, self.req_to_token, fb.req_pool_indices, fb.seq_lens - 1,
-                                     self.window, self._kept_row, self._max_len, self._kept_pos)
+            qv = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             o = torch.empty_like(q)
-            tca_sparse_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), self.pool.arena_k,
-                                 self.pool.arena_v, self.plan.dense_base(l), self.num_kv_head, self.l2d,
-                                 self.req_to_token, fb.req_pool_indices, fb.extend_prefix_lens, self._qo_indptr,
-                                 kept_indptr, self._kept_row, self._kept_pos, self.block, self.window,
-                                 layer.scaling, out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-                                 max_q_len=self._max_q)
+            ov = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+            counts = []
+            for a, b, t0, t1, indptr, max_q, max_len in self._ext_groups:
+                rows = fb.req_pool_indices[a:b]
+                kept_indptr = kept_lists(self.store, l, self.req_to_token, rows, fb.seq_lens[a:b] - 1, self.window,
+                                         self._kept_row, max_len, self._kept_pos)
+                tca_sparse_attention(qv[t0:t1], self.pool.arena_k, self.pool.arena_v, self.plan.dense_base(l),
+                                     self.num_kv_head, self.l2d, self.req_to_token, rows, fb.extend_prefix_lens[a:b],
+                                     indptr, kept_indptr, self._kept_row, self._kept_pos, self.block, self.window,
+                                     layer.scaling, out=ov[t0:t1], max_q_len=max_q)
+                counts.append(kept_indptr.diff())
+            if self._stats_path:
+                kept_indptr = torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
         if self._stats_path:
             self._record_kept(layer, forward_batch, kept_indptr)
         return o
@@ -232,14 +254,16 @@ class TCAAttnBackend(TritonAttnBackend):
         if save_kv_cache:
             self.pool.swa_kv_pool.set_kv_buffer(None, d["dense_loc"], k, v, layer_id_override=l)
         self._select_and_compact(q, layer, fb, decode=True)
-        bs = fb.req_pool_indices.numel()
-        kept_indptr = kept_lists(self.store, l, self.req_to_token, fb.req_pool_indices, fb.positions, self.window,
-                                 d["kept_row"], d["max_len"], block_pages=d["block_pages"])
+        qv = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o = torch.empty_like(q)
-        tca_sparse_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), self.pool.arena_k,
-                             self.pool.arena_v, self.plan.dense_base(l), self.num_kv_head, self.l2d,
-                             self.req_to_token, fb.req_pool_indices, fb.positions, self._arange[:bs + 1],
-                             kept_indptr, d["kept_row"], None, self.block, self.window, layer.scaling,
-                             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), dense_slots=d["dense_slots"],
-                             dense_first=d["dense_first"], max_q_len=1)
+        ov = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        for a, b in d["groups"]:
+            rows, pos = fb.req_pool_indices[a:b], fb.positions[a:b]
+            kept_indptr = kept_lists(self.store, l, self.req_to_token, rows, pos, self.window, self._kept_row,
+                                     d["max_len"], block_pages=d["block_pages"][a:b])
+            tca_sparse_attention(qv[a:b], self.pool.arena_k, self.pool.arena_v, self.plan.dense_base(l),
+                                 self.num_kv_head, self.l2d, self.req_to_token, rows, pos, self._arange[:b - a + 1],
+                                 kept_indptr, self._kept_row, None, self.block, self.window, layer.scaling,
+                                 out=ov[a:b], dense_slots=d["dense_slots"][a:b], dense_first=d["dense_first"][a:b],
+                                 max_q_len=1)
         return o

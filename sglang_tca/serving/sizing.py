@@ -8,8 +8,9 @@ same budget on four parts (one KV head row = D or Dv elements of one (layer, KV 
   compressed store `heap_pages` pages of `page_rows` K and V rows: the kept rows of every completed block;
   tables           per logical page (= one block of `block` tokens): its keep masks, row offsets, page list and
                    row cursor, plus SGLang's logical->dense map (8 bytes per logical token);
-  fixed buffers    the decode kept-row list (CUDA-graph batch x context x KV heads) and the per-step page
-                   reservations.
+  fixed buffers    the kept-token lists the attention reads (rows: CUDA-graph batch x context x KV heads, at
+                   least EXTEND_GROUP_REQUESTS x context x KV heads; positions, for prefill: the latter) and the
+                   per-step page reservations. Prefill batches are attended in groups of requests that fit them.
 
 Logical token ids (SGLang's "full" pool) cost only their table bytes, so there are more of them than the store holds
 at the expected kept share (`LOGICAL_SLACK`): the store, not the ids, is what runs out, and the scheduler sees the
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 ROWS_PER_PAGE = 64         # rows of one compressed-store page
 LOGICAL_SLACK = 2.0        # logical ids per token the store holds at the expected share (actual shares may be lower)
 MAX_LOGICAL_PER_DENSE = 8  # at most this many logical ids per dense token of the budget (their tables cost memory)
-DEFAULT_DENSE_SHARE = 0.15  # share of the budget for the dense pool unless --tca-dense-tokens / max running requests say
+EXTEND_GROUP_REQUESTS = 4  # full-context requests whose kept lists one prefill attention call holds
+DEFAULT_DENSE_SHARE = 0.2   # share of the budget for the dense pool unless --tca-dense-tokens / max running requests say
 
 
 class SizingError(ValueError):
@@ -65,10 +67,11 @@ class MemoryPlan:
     max_pages_per_record: int   # page-table width: the pages the largest record (the sink) can need
     block_reserve_pages: int    # pages reserved for a completing block before its kept count is known
     expected_share: float       # mean kept share of a compressed block (budgets' rho, policy applied)
-    decode_kept_rows: int       # capacity of the decode kept-row list
+    decode_kept_rows: int       # capacity of the kept-row list (decode and prefill)
     reservation_rows: int       # rows of the per-step page-reservation table
     budget_bytes: int
     page_rows: int = ROWS_PER_PAGE
+    extend_kept_rows: int = 0   # capacity of the kept-position list (prefill only)
 
     @property
     def page_bytes(self) -> int:
@@ -104,7 +107,7 @@ class MemoryPlan:
 
     @property
     def fixed_bytes(self) -> int:
-        return 4 * self.decode_kept_rows + 4 * self.reservation_rows * self.max_pages_per_record
+        return 4 * (self.decode_kept_rows + self.extend_kept_rows) + 4 * self.reservation_rows * self.max_pages_per_record
 
     @property
     def total_bytes(self) -> int:
@@ -166,21 +169,25 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     plus four windows (a request must be able to run). Raises SizingError when the budget is too small."""
     if not 0.0 <= expected_share <= 1.0:
         raise SizingError(f"expected kept share must be in [0, 1], got {expected_share}")
-    window_slack = window + 2 * block + 128                 # window, its partial block, SWA eviction interval
-    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * window_slack, block)
+    # A running request holds its own window and, while it decodes, the last window of its prompt (SGLang's SWA lock
+    # on the cached prompt), plus partial pages.
+    per_request = 2 * (window + block) + 2 * block
+    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * per_request, block)
     if dense_tokens is None:
         if dense_requests is not None:
-            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * window_slack
+            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * per_request
         else:
             dense_tokens = int(dense_share * budget_bytes / dims.cell)
     dense_tokens = max(_round_up(dense_tokens, block), min_dense)
     max_pages = max(math.ceil(dims.rows_per_block * block / page_rows), block_reserve)
     reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1)
-    decode_kept_rows = graph_max_bs * context_len * dims.kv_heads
+    extend_kept_rows = EXTEND_GROUP_REQUESTS * context_len * dims.kv_heads
+    decode_kept_rows = max(graph_max_bs, EXTEND_GROUP_REQUESTS) * context_len * dims.kv_heads
 
     def plan(heap_pages: int, logical_tokens: int) -> MemoryPlan:
         return MemoryPlan(dims, block, window, dense_tokens, heap_pages, logical_tokens, max_pages, block_reserve,
-                          expected_share, decode_kept_rows, reservation_rows, budget_bytes, page_rows)
+                          expected_share, decode_kept_rows, reservation_rows, budget_bytes, page_rows,
+                          extend_kept_rows)
 
     # Logical ids scale with the store: LOGICAL_SLACK x the tokens it holds at the expected share, plus the dense pool.
     # Near-zero shares (streaming) would ask for ids whose tables outweigh the store: cap them.

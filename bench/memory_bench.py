@@ -1,0 +1,258 @@
+"""Memory and memory-bound serving: TCA (freed KV) vs dense SGLang (flashinfer), same machine, same run.
+
+    python bench/memory_bench.py run --part {memory,random,gsp} [--backends tca flashinfer] [--out DIR]
+    python bench/memory_bench.py report --runs DIR [DIR ...]      (here: writes bench/results/memory.{md,json,png})
+
+Llama-3.1-8B shape with dummy weights (bench/llama31_8b), SmolLM2's tokenizer (carried as .tok), synthetic budgets:
+every (layer l, KV head h) keeps exactly KS[(l + h) % 8] of the 64 tokens of a compressed block, KS below, so the
+mean kept share of compressed blocks is 0.3125 and the kept amount is exact (dummy weights have no attention worth
+calibrating). Each backend gets one server (`launch.py`, the same flags, the same --mem-fraction-static; the
+prefill CUDA graph off for both: its capture takes minutes) and, per part:
+  memory  one 128K request (130,816 prompt tokens), cached after it finishes: the bytes the pools hold for it
+          (`/get_server_info` -> tca: dense slots in use x bytes per dense token + store pages x page bytes +
+          its logical pages' tables), per token, against dense's bytes per token (its KV pool over its tokens); then
+          N 128K requests at once (64 output tokens each): the most the server runs at once (/v1/loads);
+          dense's number is its pool's capacity in whole 128K requests (exact: dense holds every token);
+  random  SGLang's bench_serving, random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once;
+          both servers with --max-running-requests 128 (TCA sizes its dense pool for that many windows);
+  gsp     SGLang's bench_serving, generated-shared-prefix multi-turn (--gsp-num-turns 3; 4 system prompts of 32K
+          tokens, 16 conversations, 1K-token questions, 256-token answers), both servers with the KV budget capped
+          by --max-total-tokens 163840 (so that dense is memory-bound) and --max-running-requests 16; prefix cache
+          hit rate from the server's counters (sglang:cached_tokens_total / sglang:prompt_tokens_total).
+Results: one JSON line per (part, backend) in DIR/memory_runs.jsonl, server logs in DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = ROOT / "bench" / "llama31_8b"
+TOK = ROOT / ".tok"
+KS = (8, 16, 32, 16, 8, 32, 16, 32)               # mean 20 of 64 = 0.3125
+PROMPT_128K = 128 * 1024 - 256
+MEM_FRACTION = "0.85"
+SERVER_FLAGS = {                                  # per part, the same for both backends
+    "memory": [],
+    "random": ["--max-running-requests", "128"],
+    "gsp": ["--max-total-tokens", "163840", "--max-running-requests", "16"],
+}
+BENCH_FLAGS = {
+    "random": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "1024",
+               "--random-range-ratio", "1.0", "--num-prompts", "128", "--request-rate", "inf"],
+    "gsp": ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "4", "--gsp-prompts-per-group", "4",
+            "--gsp-system-prompt-len", "32768", "--gsp-question-len", "1024", "--gsp-output-len", "256",
+            "--gsp-num-turns", "3", "--request-rate", "inf"],
+}
+
+
+def http(port, path, body=None, timeout=3600):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=None if body is None else
+                                 json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        data = r.read().decode()
+    return json.loads(data) if data and data[0] in "[{" else data
+
+
+class Server:
+    def __init__(self, backend, out: Path, port: int, extra=()):
+        self.backend, self.port = backend, port
+        args = [sys.executable, str(ROOT / "launch.py"), "--model", str(MODEL), "--load-format", "dummy",
+                "--tokenizer-path", str(TOK), "--context-length", "131072", "--mem-fraction-static", MEM_FRACTION,
+                "--disable-prefill-cuda-graph", "--port", str(port), "--enable-metrics", "--log-level", "info", *extra]
+        if backend == "tca":
+            from speed_llama8b import synthetic_budgets
+
+            synthetic_budgets(out / "budgets.json", KS)
+            args += ["--tca-budgets", str(out / "budgets.json")]
+        else:
+            args += ["--attention-backend", backend]
+        self.log_path = out / f"server_{backend}_{port}.log"
+        self.log = open(self.log_path, "w")
+        t0 = time.time()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{backend} server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                http(port, "/health_generate", timeout=30)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(2)
+            if time.time() - t0 > 600:
+                raise RuntimeError(f"{backend} server did not start in 600 s")
+        self.start_s = round(time.time() - t0, 1)
+        print(f"[memory] {backend} server up in {self.start_s}s", flush=True)
+
+    def info(self):
+        return http(self.port, "/get_server_info")["internal_states"][0]
+
+    def generate(self, ids, new, timeout=3600):
+        return http(self.port, "/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": new, "temperature": 0, "ignore_eos": True}}, timeout=timeout)
+
+    def running(self):
+        loads = http(self.port, "/v1/loads")
+        found = []
+
+        def walk(x):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    if k == "num_running_reqs":
+                        found.append(v)
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+        walk(loads)
+        return sum(found)
+
+    def metrics(self):
+        text = http(self.port, "/metrics")
+        out = {}
+        for name in ("sglang:prompt_tokens_total", "sglang:cached_tokens_total"):
+            out[name] = sum(float(m) for m in re.findall(rf"^{re.escape(name)}{{[^}}]*}} ([0-9.e+]+)$", text, re.M))
+        return out
+
+    def stop(self):
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+        except Exception:  # noqa: BLE001
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def ids(rnd, n):
+    return [rnd.randrange(1000, 48000) for _ in range(n)]
+
+
+def part_memory(srv: Server, n_concurrent: int):
+    rnd = random.Random(1)
+    srv.generate(ids(rnd, 2000), 8)                                       # warm-up
+    http(srv.port, "/flush_cache", {})
+    info = srv.info()
+    res = {"token_capacity": info["memory_usage"]["token_capacity"],
+           "kv_cache_gb": info["memory_usage"]["kv_cache_gb"]}
+    if srv.backend != "tca":
+        per_token = info["memory_usage"]["kv_cache_gb"] * 2 ** 30 / info["memory_usage"]["token_capacity"]
+        res.update(kv_bytes_per_token_128k=per_token,
+                   max_concurrent_128k=info["memory_usage"]["token_capacity"] // (PROMPT_128K + 64))
+        return res
+    t0 = time.time()
+    srv.generate(ids(rnd, PROMPT_128K), 1)
+    res["ttft_128k_s"] = round(time.time() - t0, 2)
+    t = srv.info()["tca"]
+    res["tca_after_one_128k"] = t
+    held = t["used_bytes"] + t["used_table_bytes"]
+    res["kv_bytes_per_token_128k"] = held / PROMPT_128K
+    res["dense_token_bytes"] = t["dense_token_bytes"]
+    http(srv.port, "/flush_cache", {})
+    peak, stop = [0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], srv.running())
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(1.0)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    prompts = [ids(rnd, PROMPT_128K) for _ in range(n_concurrent)]
+    t0 = time.time()
+    workers = [threading.Thread(target=srv.generate, args=(p, 64)) for p in prompts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    th.join()
+    res.update(max_concurrent_128k=peak[0], concurrent_sent=n_concurrent, concurrent_wall_s=round(time.time() - t0, 1),
+               tca_after_concurrent=srv.info()["tca"])
+    return res
+
+
+def part_bench(srv: Server, part: str, out: Path):
+    before = srv.metrics()
+    jsonl = out / f"bench_{part}_{srv.backend}.jsonl"
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1", "--port",
+           str(srv.port), "--tokenizer", str(TOK), "--model", str(MODEL), "--output-file", str(jsonl),
+           "--disable-tqdm", "--flush-cache", *BENCH_FLAGS[part]]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / '.client'}:{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.time()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
+    (out / f"bench_{part}_{srv.backend}.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench_serving failed: {(p.stdout + p.stderr)[-3000:]}")
+    after = srv.metrics()
+    rec = json.loads(jsonl.read_text().strip().splitlines()[-1])
+    prompt = after["sglang:prompt_tokens_total"] - before["sglang:prompt_tokens_total"]
+    cached = after["sglang:cached_tokens_total"] - before["sglang:cached_tokens_total"]
+    keep = ("request_throughput", "output_throughput", "input_throughput", "completed", "duration",
+            "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "max_concurrency", "total_input_tokens",
+            "total_output_tokens", "concurrency")
+    res = {k: rec[k] for k in keep if k in rec}
+    res.update(cache_hit_rate=round(cached / prompt, 4) if prompt else None, bench_wall_s=round(time.time() - t0, 1),
+               command=" ".join(["python -m sglang.bench_serving", *cmd[3:]]))
+    if srv.backend == "tca":
+        res["tca_after"] = srv.info()["tca"]
+    return res
+
+
+def run(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = torch.cuda.get_device_name()
+    for i, backend in enumerate(args.backends):
+        srv = Server(backend, out, 30000 + i, SERVER_FLAGS[args.part])
+        try:
+            res = part_memory(srv, args.concurrent) if args.part == "memory" else part_bench(srv, args.part, out)
+        finally:
+            srv.stop()
+        rec = {"part": args.part, "backend": backend, "device": device, "date": str(datetime.date.today()),
+               "server_start_s": srv.start_s, "mem_fraction_static": MEM_FRACTION,
+               "server_flags": SERVER_FLAGS[args.part], **res}
+        with open(out / "memory_runs.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, dict)}), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--part", choices=["memory", "random", "gsp"], required=True)
+    r.add_argument("--backends", nargs="+", default=["tca", "flashinfer"])
+    r.add_argument("--concurrent", type=int, default=17)
+    r.add_argument("--out", default=os.environ.get("OUT", "/tmp/memory"))
+    rep = sub.add_parser("report")
+    rep.add_argument("--runs", nargs="+", required=True)
+    args = ap.parse_args()
+    if args.cmd == "run":
+        sys.path.insert(0, str(ROOT / "bench"))
+        run(args)
+    else:
+        from memory_report import report
+
+        report([Path(p) for p in args.runs])
+
+
+if __name__ == "__main__":
+    main()
