@@ -24,7 +24,7 @@ from sglang_tca.kernels import sparse_attention as _attn_mod
 # if another module imported triton before the line above ran, the CPU tests cannot run here (see the fixture below).
 _INTERPRETED = type(tl.cdiv).__name__ == "InterpretedFunction"
 
-from sglang_tca.algorithm import (block_scores, masked_attention, neff, select, tca_attention,
+from sglang_tca.algorithm import (block_scores, masked_attention, neff, num_selectable_blocks, select, tca_attention,
                                   thresholds_for_shares, visible)
 from sglang_tca.params import TCAParams, dense_start
 
