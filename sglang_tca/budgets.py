@@ -14,9 +14,15 @@ takes its slice with `Budgets.for_rank`. Format (version 1):
       "rho":        [L][H]                     expected kept share of a compressed block, sum_k p_k * k / b,
       "calibration": {...}                     free-form provenance (text, tokens, date, error per head)
     }
+Every integer (block, window, sink, the model's sizes) must be a JSON integer: 64.7 or 64.0 is refused, not truncated.
+
+The server implements a subset of what the format can describe (`SERVER_SCORINGS`, `SERVER_MAX_BLOCK`,
+`server_limits`): the launcher refuses other budgets at start, calibration before it loads the model.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,10 +36,25 @@ FORMAT = "sglang-tca-budgets"
 VERSION = 1
 SCORINGS = ("block_last", "window")
 METRICS = ("neff",)
+# What sglang_tca/serving implements (its backend re-checks both when it starts): block-last scoring, and a block's
+# keep mask stored as one int64 at the block's last KV slot. "window" scoring and larger blocks are reference-only.
+SERVER_SCORINGS = ("block_last",)
+SERVER_MAX_BLOCK = 64
 
 
 class BudgetsError(ValueError):
     """A budgets file is missing, corrupt, or made for another model. The message says which and what to do."""
+
+
+def server_limits(block: int, scoring: str) -> list[str]:
+    """Why the server cannot serve budgets of this block size and scoring ([] when it can)."""
+    problems = []
+    if scoring not in SERVER_SCORINGS:
+        problems.append(f"scoring {scoring!r} (the server implements {', '.join(map(repr, SERVER_SCORINGS))})")
+    if block > SERVER_MAX_BLOCK:
+        problems.append(f"block {block} (the server stores a block's keep mask in 64 bits: "
+                        f"block <= {SERVER_MAX_BLOCK})")
+    return problems
 
 
 def keep_counts_for(block: int) -> list[int]:
@@ -71,10 +92,16 @@ class Budgets:
     p: torch.Tensor            # [L, H, Kn] float32
     thresholds: torch.Tensor   # [L, H, Kn-1] float32, ascending along the last dim
     calibration: dict = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)   # the file it was loaded from (named in every error)
+    sha256: str | None = field(default=None, compare=False)   # of that file's bytes
 
     @property
     def sink(self) -> int:
         return self.block
+
+    @property
+    def _name(self) -> str:
+        return "budgets" if self.source is None else f"budgets file {self.source}"
 
     @property
     def keep_counts(self) -> torch.Tensor:
@@ -110,22 +137,34 @@ class Budgets:
 
     def validate(self) -> None:
         m = self.model
-        kn = len(keep_counts_for(self.block))
+        try:
+            kn = len(keep_counts_for(self.block))
+        except BudgetsError as e:
+            raise BudgetsError(f"{self._name}: {e}") from None
         if self.scoring not in SCORINGS:
-            raise BudgetsError(f"unknown scoring {self.scoring!r}; expected one of {SCORINGS}")
+            raise BudgetsError(f"{self._name}: unknown scoring {self.scoring!r}; expected one of {SCORINGS}")
         if self.metric not in METRICS:
-            raise BudgetsError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+            raise BudgetsError(f"{self._name}: unknown metric {self.metric!r}; expected one of {METRICS}")
         if self.window < self.block or self.window % self.block:
-            raise BudgetsError(f"window ({self.window}) must be a positive multiple of block ({self.block})")
+            raise BudgetsError(f"{self._name}: window ({self.window}) must be a positive multiple of block "
+                               f"({self.block})")
         want = (m.num_layers, m.num_kv_heads)
         if tuple(self.p.shape) != (*want, kn):
-            raise BudgetsError(f"p has shape {tuple(self.p.shape)}, expected {(*want, kn)}")
+            raise BudgetsError(f"{self._name}: p has shape {tuple(self.p.shape)}, expected {(*want, kn)}")
         if tuple(self.thresholds.shape) != (*want, kn - 1):
-            raise BudgetsError(f"thresholds has shape {tuple(self.thresholds.shape)}, expected {(*want, kn - 1)}")
+            raise BudgetsError(f"{self._name}: thresholds has shape {tuple(self.thresholds.shape)}, "
+                               f"expected {(*want, kn - 1)}")
         if not torch.isfinite(self.p).all() or (self.p < 0).any() or not torch.allclose(self.p.sum(-1), torch.ones(want), atol=1e-4):
-            raise BudgetsError("p must be finite, non-negative, and each head's row must sum to 1")
+            raise BudgetsError(f"{self._name}: p must be finite, non-negative, and each head's row must sum to 1")
         if (self.thresholds.diff(dim=-1) < 0).any() or self.thresholds.isnan().any():
-            raise BudgetsError("thresholds must be ascending along the keep-count axis (and not NaN)")
+            raise BudgetsError(f"{self._name}: thresholds must be ascending along the keep-count axis (and not NaN)")
+
+    def check_servable(self) -> None:
+        """Refuse budgets the server cannot serve (`server_limits`): at launch, not after the weights are loaded."""
+        problems = server_limits(self.block, self.scoring)
+        if problems:
+            raise BudgetsError(f"{self._name} cannot be served: it uses {' and '.join(problems)}; recalibrate with "
+                               f"--scoring block_last --block {min(self.block, SERVER_MAX_BLOCK)}")
 
     def check_model(self, shape: ModelShape, source: str = "the model") -> None:
         """Refuse budgets calibrated for a model of another shape."""
@@ -133,7 +172,7 @@ class Budgets:
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
             if getattr(mine, name) != getattr(shape, name):
                 raise BudgetsError(
-                    f"budgets file was made for a model with {name}={getattr(mine, name)} "
+                    f"{self._name} was made for a model with {name}={getattr(mine, name)} "
                     f"({mine.architecture}), but {source} has {name}={getattr(shape, name)}; "
                     f"calibrate this model: python -m calibration --model PATH --out FILE")
 
@@ -142,11 +181,11 @@ class Budgets:
         h = self.model.num_kv_heads
         if tp_size <= h:
             if h % tp_size:
-                raise BudgetsError(f"{h} KV heads cannot be split over tp_size={tp_size}")
+                raise BudgetsError(f"{self._name}: {h} KV heads cannot be split over tp_size={tp_size}")
             per = h // tp_size
             return range(tp_rank * per, (tp_rank + 1) * per)
         if tp_size % h:
-            raise BudgetsError(f"tp_size={tp_size} is not a multiple of {h} KV heads")
+            raise BudgetsError(f"{self._name}: tp_size={tp_size} is not a multiple of {h} KV heads")
         g = tp_rank // (tp_size // h)
         return range(g, g + 1)
 
@@ -154,8 +193,7 @@ class Budgets:
         """The budgets of the KV heads a tensor-parallel rank owns (`rank_kv_heads`)."""
         r = self.rank_kv_heads(tp_rank, tp_size)
         sl = slice(r.start, r.stop)
-        return Budgets(self.model, self.block, self.window, self.eps, self.scoring, self.metric,
-                       self.p[:, sl].clone(), self.thresholds[:, sl].clone(), self.calibration)
+        return dataclasses.replace(self, p=self.p[:, sl].clone(), thresholds=self.thresholds[:, sl].clone())
 
     # ---- file I/O -------------------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -174,23 +212,52 @@ class Budgets:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Budgets":
+    def load(cls, path: str | Path, *, sha256: str | None = None) -> "Budgets":
+        """Read and validate a budgets file. With `sha256`, refuse a file whose bytes hash differently (every
+        serving process must load the file the launcher checked, not whatever is at the path now)."""
         path = Path(path)
         if not path.is_file():
             raise BudgetsError(f"budgets file not found: {path}")
         try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BudgetsError(f"cannot read the budgets file {path}: {e}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise BudgetsError(f"budgets file {path} changed after the launcher checked it (sha256 {digest[:16]}..., "
+                               f"expected {sha256[:16]}...); every process must serve the same budgets: "
+                               f"restart the launch")
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BudgetsError(f"budgets file {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BudgetsError(f"{path} is not an sglang-tca budgets file (missing \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:
             raise BudgetsError(f"{path} has budgets format version {d.get('version')}, this build reads {VERSION}")
         try:
-            b = cls(ModelShape(**d["model"]), int(d["block"]), int(d["window"]), float(d["eps"]), d["scoring"],
-                    d["metric"], torch.tensor(d["p"], dtype=torch.float32),
-                    torch.tensor(d["thresholds"], dtype=torch.float32), d.get("calibration", {}))
+            model = d["model"]
+            if not isinstance(model, dict):
+                raise TypeError(f"\"model\" must be an object, got {model!r}")
+            for key in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim"):
+                _integer(model.get(key), f"model.{key}")
+            block, window = _integer(d["block"], "block"), _integer(d["window"], "window")
+            if "sink" in d and _integer(d["sink"], "sink") != block:
+                raise ValueError(f"sink ({d['sink']}) must equal block ({block})")
+            eps = d["eps"]
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+                raise TypeError(f"eps must be a number, got {eps!r}")
+            b = cls(ModelShape(**model), block, window, float(eps), d["scoring"], d["metric"],
+                    torch.tensor(d["p"], dtype=torch.float32), torch.tensor(d["thresholds"], dtype=torch.float32),
+                    d.get("calibration", {}), source=str(path), sha256=digest)
         except (KeyError, TypeError, ValueError) as e:
             raise BudgetsError(f"budgets file {path} is corrupt: {type(e).__name__}: {e}") from None
         b.validate()
         return b
+
+
+def _integer(v, what: str) -> int:
+    """A JSON integer (not a float such as 64.7 or 64.0, which int() would silently truncate, nor a bool)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what} must be an integer, got {v!r}")
+    return v

@@ -1,37 +1,45 @@
 """`python launch.py` = `sglang_tca.cli.main(argv)`: an SGLang HTTP server with TCA attention.
 
     python launch.py [--model PATH] [--tca-budgets FILE] [--tca-window N] [--tca-block N]
-                     [--tca-policy tca|random|streaming] [--tca-observe N] [--no-tca] [...any sglang server flag]
+                     [--tca-policy tca|random|streaming] [--tca-dense-tokens N] [--no-tca] [...any sglang server flag]
 
-Our flags are parsed with `parse_known_args`; everything else goes to SGLang's `prepare_server_args` unchanged.
-`--model` (SGLang's own alias) / `--model-path` default to the embedded SmolLM2. TCA is on (`--attention-backend tca`)
-unless `--no-tca` or another `--attention-backend` is given. Bad input ends with one `error: ...` line on stderr and
-exit code 2 (set SGLANG_TCA_DEBUG=1 for the traceback). The model and budgets are checked before SGLang is imported.
+Our flags are parsed with `parse_known_args`; everything else goes to SGLang's `prepare_server_args` unchanged,
+except that with TCA on `--disable-prefill-cuda-graph` is added (`plugin.PREFILL_GRAPH_REASON`; an explicit other
+prefill graph backend is refused). `--model` (SGLang's own alias) / `--model-path` default to the embedded SmolLM2.
+TCA is on (`--attention-backend tca`) unless `--no-tca` or another `--attention-backend` is given. Bad input ends with
+one `error: ...` line on stderr and exit code 2 (set SGLANG_TCA_DEBUG=1 for the traceback), SGLang's own assertions
+included. The model and budgets are checked before SGLang is imported; the flags TCA refuses are checked on the raw
+values first (before SGLang's resolution can trip over them), then again on the resolved ServerArgs.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import linecache
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
 from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, TCAConfig, check_model_path
 from sglang_tca.params import POLICIES
+from sglang_tca.plugin import DISABLE_PREFILL_GRAPH_FLAG, PREFILL_GRAPH_REASON
 
 EXIT_BAD_INPUT = 2
 BACKEND = "tca"
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """Bad command-line input; the message is printed as `error: <message>`."""
 
 
 def _tca_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", add_help=False, allow_abbrev=False,
-                                description="SGLang server with TCA sparse attention. Other flags go to SGLang.")
+                                description=f"SGLang server with TCA sparse attention. Other flags go to SGLang; "
+                                            f"with TCA on, {DISABLE_PREFILL_GRAPH_FLAG} is added: "
+                                            f"{PREFILL_GRAPH_REASON}.")
     g = p.add_argument_group("TCA options")
     g.add_argument("--model", "--model-path", dest="model", metavar="PATH",
                    help="model directory, GGUF file or HF repo id (default: the embedded SmolLM2)")
@@ -63,23 +71,19 @@ def _backend_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _ArgparseError(Exception):
-    pass
+class QuietParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise CLIError (one line, `see PROG --help`) instead of usage + exit 2."""
 
-
-class _QuietParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + exit
-        raise _ArgparseError(message)
+    def error(self, message):
+        raise CLIError(f"{message} (see {self.prog} --help)")
 
 
 def _parse(argv: Sequence[str]):
     p = _tca_parser()
-    q = _QuietParser(parents=[p], add_help=False, allow_abbrev=False, prog="launch.py")
-    try:
-        ours, rest = q.parse_known_args(list(argv))
-        peek, _ = _QuietParser(parents=[_backend_parser()], add_help=False, allow_abbrev=False).parse_known_args(rest)
-    except _ArgparseError as e:
-        raise CLIError(str(e)) from None
+    q = QuietParser(parents=[p], add_help=False, allow_abbrev=False, prog="python launch.py")
+    ours, rest = q.parse_known_args(list(argv))
+    peek, _ = QuietParser(parents=[_backend_parser()], add_help=False, allow_abbrev=False,
+                          prog="python launch.py").parse_known_args(rest)
     return p, ours, rest, peek
 
 
@@ -110,7 +114,8 @@ def _default_model() -> str:
 
 
 def prepare(argv: Sequence[str], environ=None):
-    """Parse and check everything short of starting the server. Returns (server_args, runtime or None).
+    """Parse and check everything short of starting the server. Returns (server_args, runtime or None), and with TCA
+    on puts the config for the scheduler processes in `environ` (restored to its previous value when a check fails).
     Raises CLIError / TCAConfigError / BudgetsError (printed as one line by `main`)."""
     environ = os.environ if environ is None else environ
     _, ours, rest, peek = _parse(argv)
@@ -133,32 +138,48 @@ def prepare(argv: Sequence[str], environ=None):
                         window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy,
                         observe=ours.tca_observe, dense_tokens=ours.tca_dense_tokens)
         runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
-        cfg = dataclasses.replace(cfg, budgets=runtime.budgets_path)
-        cfg.to_env(environ)
         if chosen is None:
             rest = [*rest, "--attention-backend", BACKEND]
-        rest = _with_tca_memory_flags(rest, runtime.block)
-    else:
-        environ.pop(ENV_VAR, None)
-        if tca_flags:
-            why = "--no-tca" if ours.no_tca else f"--attention-backend {chosen}"
-            print(f"warning: TCA is off ({why}); ignoring {', '.join(tca_flags)}", file=sys.stderr)
+        # SGLang's explicit prefill graph flags win over this one, and the validation hook refuses them
+        rest = [*_with_tca_memory_flags(rest, runtime.block), DISABLE_PREFILL_GRAPH_FLAG]
+    elif tca_flags:
+        why = "--no-tca" if ours.no_tca else f"--attention-backend {chosen}"
+        print(f"warning: TCA is off ({why}); ignoring {', '.join(tca_flags)}", file=sys.stderr)
 
     from sglang.srt.plugins import load_plugins
-    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.server_args import ServerArgs, prepare_server_args
 
-    from sglang_tca.plugin import register
+    from sglang_tca.plugin import register, validate_server_args
 
     load_plugins()
     register()
-    with _argparse_errors_raise():
-        server_args = prepare_server_args(["--model-path", model, *rest])
-    if use_tca:
-        if server_args.attention_backend != BACKEND:
-            raise CLIError(f"SGLang resolved --attention-backend to {server_args.attention_backend!r}, not tca")
-        if server_args.encoder_only or server_args.smg_grpc_mode or server_args.use_ray:
-            raise CLIError("TCA is served only by the HTTP server (not --encoder-only, --smg-grpc-mode or --use-ray)")
-        runtime.for_rank(0, server_args.tp_size)  # KV heads must split (or replicate) over --tp-size
+    sgl_argv = ["--model-path", model, *rest]
+    previous = environ.get(ENV_VAR)
+    if use_tca:      # SGLang's resolution runs our validation hook, which reads the config from the environment
+        runtime.handoff().to_env(environ)
+    else:
+        environ.pop(ENV_VAR, None)
+    try:
+        with _argparse_errors_raise(), _sglang_assertions():
+            if use_tca:
+                parser = argparse.ArgumentParser(prog="launch.py")  # as prepare_server_args parses (abbreviations too)
+                ServerArgs.add_cli_args(parser)
+                validate_server_args(parser.parse_known_args(sgl_argv)[0], runtime)  # unknown flags: just below
+            server_args = prepare_server_args(sgl_argv)
+            server_args.check_server_args()  # SGLang runs it only inside launch_server, where it ends in a traceback
+        if use_tca:
+            if server_args.attention_backend != BACKEND:
+                raise CLIError(f"SGLang resolved --attention-backend to {server_args.attention_backend!r}, not tca")
+            if server_args.encoder_only or server_args.smg_grpc_mode or server_args.use_ray:
+                raise CLIError("TCA is served only by the HTTP server (not --encoder-only, --smg-grpc-mode or "
+                               "--use-ray)")
+            runtime.for_rank(0, server_args.tp_size)  # KV heads must split (or replicate) over --tp-size
+    except BaseException:
+        if previous is None:
+            environ.pop(ENV_VAR, None)
+        else:
+            environ[ENV_VAR] = previous
+        raise
     return server_args, runtime
 
 
@@ -171,6 +192,37 @@ def _with_tca_memory_flags(rest: list[str], block: int) -> list[str]:
     if "--radix-cache-backend" not in given:
         rest = [*rest, "--radix-cache-backend", BACKEND]
     return rest
+
+
+@contextlib.contextmanager
+def _sglang_assertions():
+    """SGLang checks many server arguments with bare asserts (`assert self.tp_size % self.dp_size == 0` prints as
+    "AssertionError"): turn one into a CLIError naming the failed condition and the flags' values."""
+    try:
+        yield
+    except AssertionError as e:
+        raise CLIError(f"SGLang rejected the server arguments: {_describe_assertion(e)}") from None
+
+
+def _describe_assertion(e: AssertionError) -> str:
+    """The assertion's message, or else its condition; then the values of the flags it reads, and where it is."""
+    msg = " ".join(str(e).split())
+    if e.__traceback__ is None:
+        return msg or "an assertion failed"
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    src = " ".join(linecache.getline(frame.filename, n).strip()
+                   for n in range(frame.lineno, (frame.end_lineno or frame.lineno) + 1))
+    owner = tb.tb_frame.f_locals.get("self")  # the ServerArgs being resolved
+    values = [f"--{name.replace('_', '-')} {getattr(owner, name)}"
+              for name in dict.fromkeys(re.findall(r"\bself\.([A-Za-z_]\w*)", src))
+              if hasattr(owner, name) and not callable(getattr(owner, name))]
+    cond = re.sub(r"\bself\.", "", re.sub(r"^assert\s*", "", src))
+    what = msg or (f"it requires {cond}" if src.startswith("assert") else "an assertion failed")
+    where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return f"{what} ({', '.join(values)}; {where})" if values else f"{what} ({where})"
 
 
 def _serve(server_args, use_tca: bool) -> None:
@@ -193,15 +245,20 @@ def _serve(server_args, use_tca: bool) -> None:
 
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if isinstance(e, (CLIError, ValueError)) else f"{type(e).__name__}: {msg}"
+    return msg if isinstance(e, ValueError) else f"{type(e).__name__}: {msg}"
 
 
 def main(argv: Sequence[str] | None = None, *, serve: Callable | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(_tca_parser().format_help())
+        from sglang.srt.plugins import load_plugins
         from sglang.srt.server_args import prepare_server_args
 
+        from sglang_tca.plugin import register
+
+        load_plugins()
+        register()  # before SGLang builds its parser, so that --attention-backend lists tca
         prepare_server_args(["--help"])  # prints SGLang's flags and exits 0
         return 0
     try:

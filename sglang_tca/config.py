@@ -1,10 +1,12 @@
 """TCA run-time configuration: what `launch.py` decides and every spawned SGLang process reads.
 
-`TCAConfig` is small and JSON-serialisable. The launcher resolves it, checks it against the model, and puts it in the
+`TCAConfig` is small and JSON-serialisable. The launcher resolves it, checks it against the model, pins it to the
+budgets file it checked (`TCARuntime.handoff`: the resolved path and the sha256 of the file's bytes) and puts it in the
 environment variable `SGLANG_TCA_CONFIG` (JSON); spawned scheduler processes (SGLang starts them with *spawn*) inherit
-the environment and call `load_runtime(model_path)`, which loads the budgets file, checks the model again, and caches
-the result for the process. Without the variable (e.g. `sglang serve --attention-backend tca` with the entry-point
-plugin) the defaults apply and the budgets file is discovered next to the model.
+the environment and call `load_runtime(model_path)`, which loads the budgets file, refuses it if its content changed
+since, checks the model again, and caches the result for the process. Without the variable (e.g.
+`sglang serve --attention-backend tca` with the entry-point plugin) the defaults apply and the budgets file is
+discovered next to the model.
 
 Fields (None means "default"):
   budgets         budgets file (see `sglang_tca.budgets`). Default: discovery, see `discover_budgets`.
@@ -19,6 +21,8 @@ Fields (None means "default"):
                   0 = off; at most the window. The server refuses it (it needs the whole prompt's dense KV).
   dense_tokens    slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of SGLang's KV
                   budget holds the compressed store. Default: see `sglang_tca.serving.sizing.plan_memory`.
+  budgets_sha256  sha256 (hex) the budgets file's bytes must have; set by the launcher (`TCARuntime.handoff`) so
+                  that every tensor-parallel rank serves the very file the launcher checked. Default: not checked.
 Sequences shorter than w + 2b have nothing compressed: TCA is exactly dense there, and the backend runs SGLang's
 dense kernels for batches of such sequences.
 
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
@@ -44,6 +48,7 @@ EMBEDDED_BUDGETS = PACKAGE_DATA_DIR / "smollm2_budgets.json"   # shipped budgets
 CALIBRATE_HINT = "calibrate it: python -m calibration --model PATH --out FILE"
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TCAConfigError(ValueError):
@@ -61,6 +66,7 @@ class TCAConfig:
     policy: str | None = None
     observe: int | None = None
     dense_tokens: int | None = None
+    budgets_sha256: str | None = None
 
     def __post_init__(self):
         for name in ("window", "block", "observe", "dense_tokens"):
@@ -79,6 +85,9 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.budgets is not None and not isinstance(self.budgets, str):
             raise TCAConfigError(f"TCA budgets must be a path string, got {self.budgets!r}")
+        if self.budgets_sha256 is not None and not (isinstance(self.budgets_sha256, str)
+                                                    and _SHA256.match(self.budgets_sha256)):
+            raise TCAConfigError(f"TCA budgets_sha256 must be 64 lowercase hex digits, got {self.budgets_sha256!r}")
 
     # ---- (de)serialisation through the environment ------------------------------------------------------------------
     def to_json(self) -> str:
@@ -111,15 +120,17 @@ class TCAConfig:
     # ---- resolution -------------------------------------------------------------------------------------------------
     def resolve(self, model_path: str | os.PathLike, *, is_embedded: bool | None = None,
                 hf_config: dict | None = None) -> "TCARuntime":
-        """Find and load the budgets, read the model's config.json, refuse unsupported models and budgets made for
-        another shape, apply the overrides. Raises TCAConfigError / BudgetsError (both ValueError) on bad input."""
+        """Find and load the budgets, read the model's config.json, refuse unsupported models, budgets made for
+        another shape, budgets the server cannot serve, and a budgets file whose content is not `budgets_sha256`;
+        apply the overrides. Raises TCAConfigError / BudgetsError (both ValueError) on bad input."""
         from sglang_tca.budgets import Budgets
 
         cfg = read_model_config(model_path) if hf_config is None else hf_config
         check_model_supported(cfg, source=str(model_path))
         shape = model_shape(cfg, source=str(model_path))
         path = discover_budgets(model_path, self.budgets, is_embedded=is_embedded)
-        budgets = Budgets.load(path)
+        budgets = Budgets.load(path, sha256=self.budgets_sha256)
+        budgets.check_servable()
         budgets.check_model(shape, source=f"the model at {model_path}")
         block = budgets.block
         if self.block is not None and self.block != block:
@@ -152,6 +163,11 @@ class TCARuntime:
     @property
     def sink(self) -> int:
         return self.block
+
+    def handoff(self) -> TCAConfig:
+        """The config to hand to the serving processes: pinned to the budgets file this resolution read, by its
+        resolved path and the sha256 of its bytes (a rank that finds other content there refuses to start)."""
+        return replace(self.config, budgets=str(Path(self.budgets_path).resolve()), budgets_sha256=self.budgets.sha256)
 
     def for_rank(self, tp_rank: int, tp_size: int):
         """The budgets of the KV heads this tensor-parallel rank owns."""
@@ -283,16 +299,21 @@ def discover_budgets(model_path: str | os.PathLike, explicit: str | os.PathLike 
 
 
 def is_embedded_model(model_path: str | os.PathLike) -> bool:
+    """Whether the model is the embedded SmolLM2 as `embedded_model_dir()` converts it: its folder's source.json names
+    our converter and the shipped GGUF's sha256. Reads that one small file; never converts (a model that is not the
+    embedded one must get its error at once, not after a 30 s conversion)."""
     try:
-        from sglang_tca.embedded_model import embedded_model_dir
+        from sglang_tca import embedded_model
     except ImportError:
         return False
-    try:
-        emb = Path(embedded_model_dir()).expanduser().resolve()
-        mine = Path(model_path).expanduser().resolve()
-    except Exception:  # noqa: BLE001 - the embedded model may be unavailable; then it is not this model
+    if not os.path.exists(os.path.expanduser(str(model_path))):
         return False
-    return mine == emb or mine.parent == emb or emb.parent == mine
+    try:
+        src = json.loads((model_dir(model_path) / "source.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(src, dict) and src.get("converted_by") == embedded_model.__name__
+            and src.get("sha256") == embedded_model.GGUF_SHA256)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

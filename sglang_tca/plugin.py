@@ -1,5 +1,6 @@
 """SGLang plugin of sglang-tca: registers the "tca" attention backend and radix cache, installs the patches
-(patches/, which build TCA's KV pool and allocator in place of SGLang's), and validates server flags.
+(patches/, which build TCA's KV pool and allocator in place of SGLang's and validate server flags), and holds the
+validation of server flags (`validate_server_args`).
 
 Reached three ways, all idempotent:
   * the entry point  [project.entry-points."sglang.srt.plugins"] tca = "sglang_tca.plugin:register"
@@ -84,8 +85,27 @@ def run_scheduler_process(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------------------------------
 # ServerArgs validation (runs after ServerArgs.__post_init__, i.e. once fully resolved, in the launching process)
 # ---------------------------------------------------------------------------------------------------------------------
-def validate_server_args(sa) -> None:
-    """Raise TCAConfigError naming every flag that TCA cannot honour. No-op unless TCA is selected somewhere."""
+# Why launch.py and sglang_tca.engine.Engine turn SGLang's default prefill CUDA graph off for TCA, and the hook
+# below refuses any other prefill graph backend.
+PREFILL_GRAPH_REASON = ("TCA's prefill metadata has data-dependent sizes computed on the host per batch, and no GPU "
+                        "check has run TCA under a prefill CUDA graph")
+DISABLE_PREFILL_GRAPH_FLAG = "--disable-prefill-cuda-graph"
+_CHECKED_DECODE_GRAPHS = ("full", "disabled")   # decode CUDA graphs (SGLang's default) were GPU-checked, or none
+
+
+def validate_server_args(sa, runtime=None) -> None:
+    """Raise TCAConfigError naming every flag that TCA cannot honour. No-op unless TCA is selected somewhere.
+
+    The rule is allowed = GPU-checked with TCA (README, "What TCA serves with"): every mode that builds several
+    attention backends, routes attention around ours, changes the KV layout our kernels read, or simply has not been
+    run with TCA on a GPU is refused. `sa` is a resolved ServerArgs (the __post_init__ hook), or the raw values the
+    user gave (an argparse Namespace or any object with those attributes; launch.py and the Engine check them first,
+    so that our line comes before SGLang's own assertions). Missing attributes read as SGLang's defaults; the CUDA
+    graph backends are only known once resolved, so they are checked on a ServerArgs only. The memory rules (page
+    size = the budgets' block, TCA's radix cache, no --tca-observe) need TCA's config: `runtime` (a TCARuntime), or
+    the one the scheduler processes will load for `sa.model_path`; without either they are not checked."""
+    from sglang.srt.server_args import ServerArgs
+
     g = lambda name, default=None: getattr(sa, name, default)  # noqa: E731
     attn, prefill, decode, radix = g("attention_backend"), g("prefill_attention_backend"), \
         g("decode_attention_backend"), g("radix_cache_backend")
@@ -102,37 +122,66 @@ def validate_server_args(sa) -> None:
         if cond:
             problems.append(f"{flag} ({why})")
 
+    # several attention backends, or attention that bypasses ours
     bad(g("speculative_algorithm") is not None, f"--speculative-algorithm {g('speculative_algorithm')}",
         "speculative decoding")
-    bad(bool(g("enable_dp_attention")), "--enable-dp-attention", "DP attention")
-    bad(g("disaggregation_mode", "null") not in (None, "null"), f"--disaggregation-mode {g('disaggregation_mode')}",
-        "PD disaggregation")
-    bad(bool(g("enable_hierarchical_cache")), "--enable-hierarchical-cache", "hierarchical cache")
-    bad(bool(g("enable_hisparse")), "--enable-hisparse", "hierarchical sparse attention")
-    bad(bool(g("enable_two_batch_overlap")), "--enable-two-batch-overlap", "two-batch overlap")
-    bad(bool(g("enable_mixed_chunk")), "--enable-mixed-chunk", "decode requests mixed into prefill batches")
+    bad(bool(g("enable_pdmux")), "--enable-pdmux", "PD multiplexing builds one attention backend per SM group")
     bad(prefill not in (None, BACKEND_NAME), f"--prefill-attention-backend {prefill}",
         "separate prefill/decode attention backends")
     bad(decode not in (None, BACKEND_NAME), f"--decode-attention-backend {decode}",
         "separate prefill/decode attention backends")
+    bad(bool(g("enable_deterministic_inference")) or g("rl_on_policy_target") is not None,
+        "--enable-deterministic-inference/--rl-on-policy-target", "deterministic inference swaps in its own kernels")
+    bad(bool(g("enable_mis")), "--enable-mis", "multi-item scoring needs custom attention masks")
+    bad(g("dllm_algorithm") is not None, f"--dllm-algorithm {g('dllm_algorithm')}", "diffusion LLM decoding")
+    bad(bool(g("is_embedding")), "--is-embedding", "embedding serving is not GPU-checked with TCA")
+    # parallelism and disaggregation
+    bad(bool(g("enable_dp_attention")), "--enable-dp-attention", "DP attention")
+    bad((g("dp_size", 1) or 1) > 1, f"--dp-size {g('dp_size')}", "data-parallel replicas are not GPU-checked with TCA")
+    bad((g("pp_size", 1) or 1) > 1, f"--pp-size {g('pp_size')}", "pipeline parallelism")
+    bad((g("dcp_size", 1) or 1) > 1, f"--dcp-size {g('dcp_size')}", "decode context parallelism")
+    bad(bool(g("enable_prefill_cp")) or (g("attn_cp_size", 1) or 1) > 1, "--enable-prefill-cp/--attn-cp-size",
+        "context parallelism")
+    bad(g("disaggregation_mode", "null") not in (None, "null"), f"--disaggregation-mode {g('disaggregation_mode')}",
+        "PD disaggregation")
+    bad(bool(g("language_only")), "--language-only", "encoder disaggregation")
+    # execution modes: batch overlap, compilation, CUDA graphs, chunking
+    bad(bool(g("enable_two_batch_overlap")), "--enable-two-batch-overlap", "two-batch overlap")
+    bad(bool(g("enable_single_batch_overlap")), "--enable-single-batch-overlap", "single-batch overlap")
+    bad(bool(g("enable_torch_compile")), "--enable-torch-compile", "torch.compile of the model")
+    bad(bool(g("enable_mixed_chunk")), "--enable-mixed-chunk", "decode requests mixed into prefill batches")
+    chunk = g("chunked_prefill_size")
+    bad(chunk is not None and chunk <= 0, f"--chunked-prefill-size {chunk}",
+        "chunked prefill off (set by the flag, or by SGLang for this model); TCA is GPU-checked with chunking on")
+    graphs = g("cuda_graph_config") if isinstance(sa, ServerArgs) else None
+    if graphs is not None:
+        bad(graphs.prefill.backend != "disabled",
+            f"prefill CUDA graph backend {graphs.prefill.backend} (--cuda-graph-backend-prefill/--cuda-graph-config)",
+            f"{PREFILL_GRAPH_REASON}; use {DISABLE_PREFILL_GRAPH_FLAG}")
+        bad(graphs.decode.backend not in _CHECKED_DECODE_GRAPHS,
+            f"decode CUDA graph backend {graphs.decode.backend} (--cuda-graph-backend-decode/--cuda-graph-config)",
+            "only full decode CUDA graphs (the default) or none are GPU-checked with TCA")
+    # the KV cache our kernels read and the radix cache our selections live in
     kv_dtype = g("kv_cache_dtype", "auto")
     bad(kv_dtype not in _OK_KV_DTYPES, f"--kv-cache-dtype {kv_dtype}", "quantised KV cache; use auto, bf16 or fp16")
     from sglang_tca.config import load_runtime
 
-    rt = load_runtime(sa.model_path)
-    bad(g("page_size") != rt.block, f"--page-size {g('page_size')}",
-        f"TCA's pages are its blocks: --page-size {rt.block} (launch.py sets it)")
-    bad(rt.observe > 0, f"--tca-observe {rt.observe}",
-        "the question-aware end of prompt needs the whole prompt's dense KV, which TCA frees")
-    bad((g("dcp_size", 1) or 1) > 1, f"--dcp-size {g('dcp_size')}", "decode context parallelism")
-    bad(bool(g("enable_prefill_cp")) or (g("attn_cp_size", 1) or 1) > 1, "--enable-prefill-cp/--attn-cp-size",
-        "context parallelism")
+    # the rules that need TCA's config: given, or the one the scheduler processes will load for this model
+    rt = runtime if runtime is not None else load_runtime(g("model_path")) if g("model_path") else None
+    if rt is not None:
+        bad(g("page_size") != rt.block, f"--page-size {g('page_size')}",
+            f"TCA's pages are its blocks: --page-size {rt.block} (launch.py and the Engine set it)")
+        bad(rt.observe > 0, f"--tca-observe {rt.observe}",
+            "the question-aware end of prompt needs the whole prompt's dense KV, which TCA frees")
+        bad(radix != BACKEND_NAME, f"--radix-cache-backend {radix}",
+            f"TCA shares compressed prefixes through its own radix cache: --radix-cache-backend {BACKEND_NAME} "
+            f"(launch.py and the Engine set it)")
+    bad(bool(g("enable_page_major_kv_layout")) or bool(g("enable_unified_memory")),
+        "--enable-page-major-kv-layout/--enable-unified-memory", "another KV layout than the one TCA's kernels read")
+    bad(bool(g("enable_hierarchical_cache")), "--enable-hierarchical-cache", "hierarchical cache")
+    bad(bool(g("enable_hisparse")), "--enable-hisparse", "hierarchical sparse attention")
     bad(bool(g("enable_lmcache")), "--enable-lmcache", "external KV offload")
     bad(bool(g("enable_flexkv")), "--enable-flexkv", "external KV offload")
-    bad(radix != BACKEND_NAME, f"--radix-cache-backend {radix}",
-        f"TCA shares compressed prefixes through its own radix cache: --radix-cache-backend {BACKEND_NAME} "
-        f"(launch.py sets it)")
-    bad(bool(g("enable_unified_memory")), "--enable-unified-memory", "TCA builds its own KV pool")
     if problems:
         raise TCAConfigError("--attention-backend tca does not support: " + "; ".join(problems)
                              + ". Remove these flags, or serve without TCA (--no-tca / another --attention-backend).")

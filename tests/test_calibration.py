@@ -1,5 +1,7 @@
-"""Calibration: candidates, the per-layer rule, consistency with the online selection, the CLI's errors."""
+"""Calibration: candidates, the per-layer rule, consistency with the online selection, the CLI's errors (one line,
+exit 2, before the model loads)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -145,3 +147,139 @@ def test_cli_rejects_bad_eps_and_out_dir(tmp_path):
     assert r.returncode == 2 and "--eps" in r.stderr
     r = run_cli("--out", str(tmp_path / "nope" / "b.json"))
     assert r.returncode == 2 and "output folder" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI's input checks: one `error:` line, exit 2, before the model loads
+# ---------------------------------------------------------------------------------------------------------------------
+class _ModelLoaded(Exception):
+    """Raised by the stubbed model load: the run got past every check."""
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """Calibration's model load, replaced by a recorder that stops the run there."""
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        raise _ModelLoaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
+    return loads
+
+
+@pytest.fixture
+def essays_cache():
+    """The essays text is cached per process; tests that point SGLANG_TCA_ESSAYS elsewhere start and end afresh."""
+    from sglang_tca import essays
+
+    for f in (essays.paul_graham_text, essays.split_offsets):
+        f.cache_clear()
+    yield
+    for f in (essays.paul_graham_text, essays.split_offsets):
+        f.cache_clear()
+
+
+@pytest.fixture
+def bare_model(tmp_path):
+    """A Llama folder with a config.json only: enough for every check; loading it would fail differently."""
+    d = tmp_path / "bare"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}))
+    return d
+
+
+def one_error_line(capsys, argv) -> str:
+    from calibration.__main__ import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tokens", "-1"], "--tokens must be at least 1, got -1"),
+    (["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    (["--rows", "0"], "--rows must be at least 1, got 0"),
+    (["--rows", "-5"], "--rows must be at least 1, got -5"),
+    (["--eps", "0"], "--eps must be in (0, 1), got 0.0"),
+    (["--eps", "1"], "--eps must be in (0, 1), got 1.0"),
+    (["--eps", "nan"], "--eps must be in (0, 1), got nan"),
+    (["--block", "48"], "--block must be a positive power of two, got 48"),
+    (["--block", "0"], "--block must be a positive power of two, got 0"),
+    (["--block", "-64"], "--block must be a positive power of two, got -64"),
+    (["--window", "100"], "--window (100) must be a positive multiple of --block (64)"),
+    (["--window", "-1024"], "--window (-1024) must be a positive multiple of --block (64)"),
+    (["--scoring", "window"], "the server cannot serve budgets with scoring 'window'"),
+    (["--block", "128"], "the server cannot serve budgets with block 128"),
+    (["--tokens", "abc"], "argument --tokens: invalid int value: 'abc'"),
+    (["--scoring", "middle"], "argument --scoring: invalid choice: 'middle'"),
+])
+def test_cli_bad_arguments(capsys, model_loads, bare_model, tmp_path, args, needle):
+    line = one_error_line(capsys, ["--model", str(bare_model), "--out", str(tmp_path / "b.json"), *args])
+    assert needle in line and model_loads == []
+    if "cannot serve" in needle:
+        assert "--allow-unservable" in line
+
+
+def test_cli_out_must_be_a_writable_file(capsys, model_loads, bare_model, tmp_path, monkeypatch):
+    base = ["--model", str(bare_model)]
+    assert "--out " + str(tmp_path) + " is a folder" in one_error_line(capsys, [*base, "--out", str(tmp_path)])
+    assert "output folder does not exist" in one_error_line(capsys, [*base, "--out", str(tmp_path / "no" / "b.json")])
+    assert "required: --out" in one_error_line(capsys, base)
+    import calibration.__main__ as cal_main
+
+    monkeypatch.setattr(cal_main.os, "access", lambda path, mode: False)   # a read-only folder (tests may run as root)
+    line = one_error_line(capsys, [*base, "--out", str(tmp_path / "b.json")])
+    assert f"output folder is not writable: {tmp_path}" in line
+    assert model_loads == []
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"txt": "essays"}', 'must be a JSON object whose "text"'),
+    ('["essays"]', 'must be a JSON object whose "text"'),
+    ('{"text": 5}', 'must be a JSON object whose "text"'),
+    ('{"text": "x"', "is not valid JSON"),
+    (None, "No such file or directory"),
+])
+def test_cli_bad_essays_file(capsys, model_loads, essays_cache, bare_model, tmp_path, monkeypatch, content, needle):
+    essays = tmp_path / "essays.json"
+    if content is not None:
+        essays.write_text(content)
+    monkeypatch.setenv("SGLANG_TCA_ESSAYS", str(essays))
+    line = one_error_line(capsys, ["--model", str(bare_model), "--out", str(tmp_path / "b.json")])
+    assert needle in line and str(essays) in line and model_loads == []
+
+
+def test_cli_too_few_tokens_before_the_model_loads(capsys, model_loads, smollm2_dir, tmp_path):
+    line = one_error_line(capsys, ["--model", str(smollm2_dir), "--out", str(tmp_path / "b.json"), "--tokens", "1000"])
+    assert "calibration text of 1000 tokens is too short for window 1024 and block 64" in line
+    assert model_loads == []
+
+
+def test_cli_allow_unservable_warns_and_proceeds(capsys, model_loads, smollm2_dir, tmp_path):
+    from calibration.__main__ import main
+
+    with pytest.raises(_ModelLoaded):   # past every check: it would calibrate
+        main(["--model", str(smollm2_dir), "--out", str(tmp_path / "b.json"), "--scoring", "window",
+              "--allow-unservable"])
+    err = capsys.readouterr().err
+    assert "warning: the server cannot serve these budgets (scoring 'window'" in err and len(model_loads) == 1
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path, bare_model):
+    """The same checks in a real process: exit code 2, one line, no traceback."""
+    (tmp_path / "essays.json").write_text('{"txt": "essays"}')
+    for args, env in ((["--rows", "-5"], {}), ([], {"SGLANG_TCA_ESSAYS": str(tmp_path / "essays.json")})):
+        r = subprocess.run([sys.executable, "-m", "calibration", "--model", str(bare_model), "--out",
+                            str(tmp_path / "b.json"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr

@@ -27,6 +27,9 @@ LLAMA_CFG = {
 }
 KEEP_ALL = [0, 0, 0, 0, 0, 0, 1]  # block 64: keep counts 1..64
 SGLANG_FLAGS = ["--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu"]
+# What launch.py hands SGLang for a TCA run (it adds the last two); for tests that call prepare_server_args directly.
+TCA_FLAGS = [*SGLANG_FLAGS, "--attention-backend", "tca", "--disable-prefill-cuda-graph", "--page-size", "64",
+             "--radix-cache-backend", "tca"]
 
 
 def make_model(d: Path, cfg: dict = LLAMA_CFG, budgets: bool = True) -> Path:
@@ -63,11 +66,11 @@ def sgl():
 def _hook_count() -> int:
     from sglang.srt.server_args import ServerArgs
 
-    from sglang_tca.plugin import _after_post_init
+    from patches.server_args_post_init import hook
 
     n, fn = 0, ServerArgs.__dict__["__post_init__"]
     while fn is not None:
-        n += sum(1 for c in (getattr(fn, "__closure__", None) or ()) if c.cell_contents is _after_post_init)
+        n += sum(1 for c in (getattr(fn, "__closure__", None) or ()) if c.cell_contents is hook)
         fn = getattr(fn, "__wrapped__", None)
     return n
 
@@ -84,9 +87,8 @@ def test_register_is_idempotent_and_makes_tca_a_valid_choice(sgl, model):
     assert ATTENTION_BACKENDS["tca"] is sgl._create_tca_backend
     assert _hook_count() == 1
 
-    sa = prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS,
-                              "--attention-backend", "tca"])
-    assert sa.attention_backend == "tca" and sa.radix_cache_backend is None and sa.page_size == 1
+    sa = prepare_server_args(["--model-path", str(model), *TCA_FLAGS])
+    assert sa.attention_backend == "tca" and sa.radix_cache_backend == "tca" and sa.page_size == 64
 
 
 def test_scheduler_entry_registers_loads_config_and_calls_stock(sgl, model, monkeypatch):
@@ -98,7 +100,7 @@ def test_scheduler_entry_registers_loads_config_and_calls_stock(sgl, model, monk
     calls = []
     monkeypatch.setattr(sched, "run_scheduler_process", lambda *a, **k: calls.append((a, k)) or "ran")
     TCAConfig(budgets=str(model / "tca_budgets.json"), window=128).to_env()
-    sa = prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS, "--attention-backend", "tca"])
+    sa = prepare_server_args(["--model-path", str(model), *TCA_FLAGS])
     assert sgl.run_scheduler_process(sa, "port_args", 0, 0, 0, 0, 0, 0, None, "writer") == "ran"
     assert calls[0][0][0] is sa and calls[0][0][-1] == "writer"
     rt = tca_config.load_runtime(sa.model_path)
@@ -127,6 +129,23 @@ UNSUPPORTED = [  # (attribute, value, text the message must contain)
     ("kv_cache_dtype", "nvfp4", "--kv-cache-dtype"),
     ("page_size", 16, "--page-size"),
     ("radix_cache_backend", "other", "--radix-cache-backend"),
+    ("enable_pdmux", True, "--enable-pdmux"),
+    ("pp_size", 2, "--pp-size 2"),
+    ("dp_size", 2, "--dp-size 2"),
+    ("enable_single_batch_overlap", True, "--enable-single-batch-overlap"),
+    ("enable_torch_compile", True, "--enable-torch-compile"),
+    ("chunked_prefill_size", -1, "--chunked-prefill-size -1"),
+    ("chunked_prefill_size", 0, "--chunked-prefill-size 0"),
+    ("enable_deterministic_inference", True, "--enable-deterministic-inference"),
+    ("rl_on_policy_target", "fsdp", "--rl-on-policy-target"),
+    ("enable_mis", True, "--enable-mis"),
+    ("dllm_algorithm", "LowConfidence", "--dllm-algorithm"),
+    ("is_embedding", True, "--is-embedding"),
+    ("language_only", True, "--language-only"),
+    ("enable_page_major_kv_layout", True, "--enable-page-major-kv-layout"),
+    ("enable_unified_memory", True, "--enable-unified-memory"),
+    ("dcp_size", 2, "--dcp-size"),
+    ("attn_cp_size", 2, "--attn-cp-size"),
 ]
 
 
@@ -134,8 +153,8 @@ UNSUPPORTED = [  # (attribute, value, text the message must contain)
 def tca_server_args(sgl, tmp_path_factory):
     from sglang.srt.server_args import prepare_server_args
 
-    m = make_model(tmp_path_factory.mktemp("m") / "llama", budgets=False)
-    return prepare_server_args(["--model-path", str(m), *SGLANG_FLAGS, "--attention-backend", "tca"])
+    m = make_model(tmp_path_factory.mktemp("m") / "llama")
+    return prepare_server_args(["--model-path", str(m), *TCA_FLAGS])
 
 
 def _with(sa, **changes):
@@ -152,6 +171,36 @@ def test_validation_names_each_unsupported_flag(sgl, tca_server_args, attr, valu
     sa = _with(tca_server_args, **{attr: value})
     with pytest.raises(TCAConfigError, match=flag):
         sgl.validate_server_args(sa)
+    # the same on the raw values (what launch.py and the Engine check before SGLang resolves anything; launch.py has
+    # added the page size and radix backend by then, and the model path lets the memory rules load TCA's config)
+    import types
+
+    raw = dict(attention_backend="tca", model_path=tca_server_args.model_path, page_size=64, radix_cache_backend="tca")
+    sgl.validate_server_args(types.SimpleNamespace(**raw))
+    with pytest.raises(TCAConfigError, match=flag):
+        sgl.validate_server_args(types.SimpleNamespace(**{**raw, attr: value}))
+
+
+def test_validation_checks_resolved_cuda_graph_backends_only(sgl, tca_server_args):
+    """Prefill CUDA graphs: only `disabled` passes; decode graphs: full or disabled. Raw values carry no resolved
+    graph config (SGLang fills the defaults in later), so they are not judged on it."""
+    import types
+
+    from sglang.srt.model_executor.cuda_graph_config import CudaGraphConfig, PhaseConfig
+
+    def graphs(prefill, decode):
+        return CudaGraphConfig(decode=PhaseConfig(backend=decode), prefill=PhaseConfig(backend=prefill))
+
+    assert tca_server_args.cuda_graph_config.prefill.backend == "disabled"
+    for decode in ("full", "disabled"):
+        sgl.validate_server_args(_with(tca_server_args, cuda_graph_config=graphs("disabled", decode)))
+    for prefill in ("breakable", "tc_piecewise", "full"):
+        with pytest.raises(TCAConfigError, match=f"prefill CUDA graph backend {prefill}.*--disable-prefill-cuda-graph"):
+            sgl.validate_server_args(_with(tca_server_args, cuda_graph_config=graphs(prefill, "full")))
+    for decode in ("breakable", "tc_piecewise"):
+        with pytest.raises(TCAConfigError, match=f"decode CUDA graph backend {decode}"):
+            sgl.validate_server_args(_with(tca_server_args, cuda_graph_config=graphs("disabled", decode)))
+    sgl.validate_server_args(types.SimpleNamespace(attention_backend="tca", cuda_graph_config=CudaGraphConfig()))
 
 
 def test_validation_ignores_other_backends_and_lists_all_problems(sgl, tca_server_args):
@@ -172,15 +221,37 @@ def test_validation_ignores_other_backends_and_lists_all_problems(sgl, tca_serve
     (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--disaggregation-mode", "prefill"], "--disaggregation-mode prefill"),
-    (["--speculative-algorithm", "NGRAM"], "--speculative-algorithm NGRAM"),
+    # page 1: with TCA's page 64 SGLang's own check on NGRAM's top-k fires first inside __post_init__
+    (["--speculative-algorithm", "NGRAM", "--page-size", "1"], "--speculative-algorithm NGRAM"),
     (["--radix-cache-backend", "lmcache"], "--radix-cache-backend lmcache"),
+    (["--enable-pdmux"], "--enable-pdmux"),
+    (["--pp-size", "2"], "--pp-size 2"),
+    (["--enable-single-batch-overlap"], "--enable-single-batch-overlap"),
+    (["--enable-torch-compile"], "--enable-torch-compile"),
+    (["--chunked-prefill-size", "-1"], "--chunked-prefill-size -1"),
+    (["--cuda-graph-backend-prefill", "breakable"], "prefill CUDA graph backend breakable"),
+    (["--cuda-graph-config", '{"prefill": {"backend": "full"}}'], "prefill CUDA graph backend full"),
+    (["--cuda-graph-backend-decode", "breakable"], "decode CUDA graph backend breakable"),
 ])
 def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
     """The AFTER hook on ServerArgs.__post_init__ is really installed: prepare_server_args raises."""
     from sglang.srt.server_args import prepare_server_args
 
     with pytest.raises(TCAConfigError, match=flag):
-        prepare_server_args(["--model-path", str(model), *SGLANG_FLAGS, "--attention-backend", "tca", *extra])
+        prepare_server_args(["--model-path", str(model), *TCA_FLAGS, *extra])
+
+
+def test_hook_refuses_sglang_default_prefill_graph(sgl, model):
+    """`sglang serve --attention-backend tca` (the entry-point plugin, no launcher to add the flag) with SGLang's
+    default prefill CUDA graph is refused with the remedy; an explicit `disabled` backend is accepted."""
+    from sglang.srt.server_args import prepare_server_args
+
+    base = ["--model-path", str(model), *SGLANG_FLAGS, "--attention-backend", "tca", "--page-size", "64",
+            "--radix-cache-backend", "tca"]
+    with pytest.raises(TCAConfigError, match="prefill CUDA graph backend .*use --disable-prefill-cuda-graph"):
+        prepare_server_args(base)
+    sa = prepare_server_args([*base, "--cuda-graph-backend-prefill", "disabled"])
+    assert sa.cuda_graph_config.prefill.backend == "disabled"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,11 +259,12 @@ def test_hook_rejects_in_prepare_server_args(sgl, model, extra, flag):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_config_env_roundtrip_and_errors():
     env: dict = {}
-    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random", observe=32)
+    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random", observe=32, budgets_sha256="ab" * 32)
     c.to_env(env)
     assert TCAConfig.from_env(env) == c and TCAConfig.from_env({}) is None
     for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}',
-                '{"policy": "oracle"}', '{"observe": -1}', '{"observe": 2.5}'):
+                '{"policy": "oracle"}', '{"observe": -1}', '{"observe": 2.5}', '{"window": 256.0}',
+                '{"budgets_sha256": "abc"}', '{"budgets_sha256": "' + "AB" * 32 + '"}', '{"budgets_sha256": 5}'):
         with pytest.raises(TCAConfigError):
             TCAConfig.from_json(bad)
 
@@ -239,16 +311,44 @@ def test_budgets_discovery_order(tmp_path, monkeypatch):
     assert tca_config.discover_budgets(model, tmp_path / "x.json", is_embedded=True) == tmp_path / "x.json"
 
 
-def test_embedded_model_detection(tmp_path, monkeypatch):
-    import types
+def _converted_marker(d: Path, sha: str) -> Path:
+    """A model folder as embedded_model_dir() leaves it: source.json names our converter and the GGUF's sha256."""
+    (d / "source.json").write_text(json.dumps({"gguf": "x.gguf", "sha256": sha,
+                                               "converted_by": "sglang_tca.embedded_model"}))
+    return d
 
-    emb = make_model(tmp_path / "emb", budgets=False)
-    monkeypatch.setitem(sys.modules, "sglang_tca.embedded_model",
-                        types.SimpleNamespace(embedded_model_dir=lambda: emb))
+
+def test_embedded_model_detection(tmp_path):
+    from sglang_tca.embedded_model import GGUF_SHA256
+
+    emb = _converted_marker(make_model(tmp_path / "emb", budgets=False), GGUF_SHA256)
+    other_gguf = _converted_marker(make_model(tmp_path / "other_gguf", budgets=False), "0" * 64)
     assert tca_config.is_embedded_model(emb) and tca_config.is_embedded_model(str(emb) + "/")
-    assert not tca_config.is_embedded_model(tmp_path / "other")
-    monkeypatch.setitem(sys.modules, "sglang_tca.embedded_model", None)  # import fails -> not embedded
-    assert not tca_config.is_embedded_model(emb)
+    assert tca_config.is_embedded_model(emb / "config.json")           # a file in the folder
+    assert not tca_config.is_embedded_model(other_gguf)                # converted from another GGUF
+    assert not tca_config.is_embedded_model(make_model(tmp_path / "plain", budgets=False))
+    assert not tca_config.is_embedded_model(tmp_path / "missing")
+    assert not tca_config.is_embedded_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_model_without_budgets_errs_without_touching_the_embedded_model(sgl, tmp_path, capsys, monkeypatch):
+    """--model of a model without budgets: the error comes at once; the embedded model is neither converted nor
+    even located (that used to cost a 30 s conversion before the error)."""
+    from sglang_tca import embedded_model
+
+    touched = []
+    for name in ("embedded_model_dir", "gguf_path", "convert_gguf", "file_sha256"):
+        monkeypatch.setattr(embedded_model, name, lambda *a, _n=name, **k: touched.append(_n))
+    bare = make_model(tmp_path / "bare", budgets=False)
+    rc, err = _run_main(["--model", str(bare), *SGLANG_FLAGS], capsys, serve=lambda *a: None)
+    assert rc == 2 and err.startswith("error: no TCA budgets for") and err.count("\n") == 1, err
+    assert touched == []
+    # the converted embedded model itself is recognised from its folder alone and gets the shipped budgets
+    emb = _converted_marker(make_model(tmp_path / "emb", budgets=False), embedded_model.GGUF_SHA256)
+    shipped = tmp_path / "smollm2_budgets.json"
+    Budgets.uniform(ModelShape.from_hf_config(LLAMA_CFG), KEEP_ALL, window=128).save(shipped)
+    monkeypatch.setattr(tca_config, "EMBEDDED_BUDGETS", shipped)
+    assert TCAConfig().resolve(emb).budgets_path == str(shipped) and touched == []
 
 
 def test_resolve_overrides(model):
@@ -290,6 +390,80 @@ def test_for_rank_replicates_when_tp_exceeds_heads():
         b.for_rank(0, 3)
 
 
+@pytest.mark.parametrize("edit,match", [
+    ({"block": 64.7}, "block must be an integer, got 64.7"),
+    ({"block": 64.0}, "block must be an integer, got 64.0"),
+    ({"block": True}, "block must be an integer, got True"),
+    ({"window": 256.5}, "window must be an integer, got 256.5"),
+    ({"sink": 64.2}, "sink must be an integer, got 64.2"),
+    ({"sink": 32}, "sink .32. must equal block .64."),
+    ({"model.num_layers": 2.0}, "model.num_layers must be an integer, got 2.0"),
+    ({"model.head_dim": "64"}, "model.head_dim must be an integer, got '64'"),
+    ({"eps": "0.05"}, "eps must be a number"),
+    ({"window": 96}, "window .96. must be a positive multiple of block"),
+    ({"block": 48, "sink": 48}, "block size must be a power of two, got 48"),
+    ({"scoring": "middle"}, "unknown scoring 'middle'"),
+])
+def test_budgets_file_values_are_checked_not_coerced(tmp_path, edit, match):
+    """Integers in a budgets file must be JSON integers (64.7 used to become block 64); every error names the file."""
+    path = _budgets_file(tmp_path / "b.json", edit=edit)
+    with pytest.raises(BudgetsError, match=match) as e:
+        Budgets.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_budgets_errors_name_the_file(tmp_path):
+    path = _budgets_file(tmp_path / "b.json", edit={"p": [[[0.5] * 7] * 2] * 2})   # rows sum to 3.5
+    with pytest.raises(BudgetsError, match=f"budgets file {path}: p must be finite"):
+        Budgets.load(path)
+    b = Budgets.load(_budgets_file(tmp_path / "ok.json"))
+    with pytest.raises(BudgetsError, match=f"budgets file {tmp_path / 'ok.json'}: tp_size=3 is not a multiple"):
+        b.for_rank(0, 3)
+    with pytest.raises(BudgetsError, match=f"budgets file {tmp_path / 'ok.json'} was made for a model with "):
+        b.check_model(ModelShape("LlamaForCausalLM", 32, 32, 8, 128))
+    part = b.for_rank(1, 2)
+    assert part.source == b.source and part.p.shape[1] == 1
+
+
+def test_budgets_sha256_pins_the_content(tmp_path):
+    import hashlib
+
+    path = _budgets_file(tmp_path / "b.json")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Budgets.load(path).sha256 == digest and Budgets.load(path, sha256=digest).sha256 == digest
+    with pytest.raises(BudgetsError, match=f"budgets file {path} changed after the launcher checked it"):
+        Budgets.load(path, sha256="0" * 64)
+
+
+def test_unservable_budgets_refused_by_resolve_and_load_runtime(model, tmp_path):
+    """Budgets the server cannot serve fail at resolution (launcher, Engine, every scheduler), naming the file, not
+    in the scheduler after the weights are loaded."""
+    for path, match in ((_budgets_file(tmp_path / "w.json", scoring="window"), "scoring 'window'"),
+                        (_budgets_file(tmp_path / "b128.json", block=128), "block 128")):
+        Budgets.load(path)   # a valid file (the reference implementation reads it) ...
+        with pytest.raises(BudgetsError, match=f"budgets file {path} cannot be served: it uses {match}"):
+            TCAConfig(budgets=str(path)).resolve(model)   # ... that the server cannot serve
+        with pytest.raises(BudgetsError, match="cannot be served"):
+            tca_config.load_runtime(model, environ={ENV_VAR: TCAConfig(budgets=str(path)).to_json()})
+
+
+def test_scheduler_refuses_budgets_changed_after_launch(sgl, model, capsys, monkeypatch):
+    """The launcher hands over the budgets' sha256; a rank that later reads other bytes at that path refuses,
+    naming the path."""
+    import hashlib
+
+    path = model / "tca_budgets.json"
+    rc, err = _run_main(["--model", str(model), *SGLANG_FLAGS], capsys, serve=lambda *a: None)
+    assert rc == 0, err
+    cfg = TCAConfig.from_env()
+    assert cfg.budgets == str(path.resolve()) and cfg.budgets_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert tca_config.load_runtime(str(model)).budgets.sha256 == cfg.budgets_sha256
+    Budgets.uniform(ModelShape.from_hf_config(LLAMA_CFG), KEEP_ALL, block=64, window=128).save(path)  # edited
+    monkeypatch.setattr(tca_config, "_RUNTIME_CACHE", {})   # as in a freshly spawned rank
+    with pytest.raises(BudgetsError, match=f"budgets file {path.resolve()} changed after the launcher checked it"):
+        tca_config.load_runtime(str(model))
+
+
 def test_config_reaches_spawned_process(model, monkeypatch):
     """SGLang starts schedulers with spawn: the env var must carry the config there."""
     TCAConfig(budgets=str(model / "tca_budgets.json"), window=192).to_env()
@@ -314,6 +488,20 @@ def _corrupt(tmp_path):
     return p
 
 
+def _budgets_file(path: Path, *, block=64, scoring="block_last", edit=None) -> Path:
+    """Keep-all budgets for LLAMA_CFG, saved, then with `edit` applied to the JSON (to write what save() refuses)."""
+    kn = block.bit_length()
+    Budgets.uniform(ModelShape.from_hf_config(LLAMA_CFG), [0] * (kn - 1) + [1], block=block, window=256,
+                    scoring=scoring).save(path)
+    if edit:
+        d = json.loads(path.read_text())
+        for key, value in edit.items():
+            obj, *rest = key.split(".")
+            (d[obj] if rest else d)[rest[0] if rest else obj] = value
+        path.write_text(json.dumps(d))
+    return path
+
+
 def _other_shape(tmp_path):
     p = tmp_path / "other.json"
     Budgets.uniform(ModelShape("LlamaForCausalLM", 32, 32, 8, 128), KEEP_ALL).save(p)
@@ -323,7 +511,10 @@ def _other_shape(tmp_path):
 @pytest.mark.parametrize("case,match", [
     ("missing", "budgets file not found"),
     ("corrupt", "not valid JSON"),
-    ("other_shape", "budgets file was made for a model with num_layers=32"),
+    ("other_shape", "other.json was made for a model with num_layers=32"),
+    ("window_scoring", "window.json cannot be served: it uses scoring 'window'"),
+    ("block_128", "b128.json cannot be served: it uses block 128"),
+    ("float_block", "float_block.json is corrupt: TypeError: block must be an integer, got 64.7"),
     ("no_model", "model path not found: /nonexistent/model"),
     ("no_budgets", "no TCA budgets"),
     ("bad_int", "argument --tca-window: invalid int value"),
@@ -331,12 +522,18 @@ def _other_shape(tmp_path):
     ("bad_policy", "argument --tca-policy: invalid choice: 'oracle'"),
     ("negative_observe", "--tca-observe must be >= 0"),
     ("observe_past_window", "--tca-observe 200 must not exceed the window (128 tokens)"),
+    ("observe_freed", "--tca-observe 32 (the question-aware end of prompt needs the whole prompt's dense KV"),
 ])
 def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
     argv = {
         "missing": ["--model", str(model), "--tca-budgets", str(tmp_path / "nope.json")],
         "corrupt": ["--model", str(model), "--tca-budgets", str(_corrupt(tmp_path))],
         "other_shape": ["--model", str(model), "--tca-budgets", str(_other_shape(tmp_path))],
+        "window_scoring": ["--model", str(model), "--tca-budgets", str(_budgets_file(tmp_path / "window.json",
+                                                                                      scoring="window"))],
+        "block_128": ["--model", str(model), "--tca-budgets", str(_budgets_file(tmp_path / "b128.json", block=128))],
+        "float_block": ["--model", str(model), "--tca-budgets", str(_budgets_file(tmp_path / "float_block.json",
+                                                                                   edit={"block": 64.7}))],
         "no_model": ["--model", "/nonexistent/model"],
         "no_budgets": ["--model", str(make_model(tmp_path / "bare", budgets=False))],
         "bad_int": ["--model", str(model), "--tca-window", "big"],
@@ -344,6 +541,7 @@ def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
         "bad_policy": ["--model", str(model), "--tca-policy", "oracle"],
         "negative_observe": ["--model", str(model), "--tca-observe", "-3"],
         "observe_past_window": ["--model", str(model), "--tca-window", "128", "--tca-observe", "200"],
+        "observe_freed": ["--model", str(model), "--tca-observe", "32", *SGLANG_FLAGS],
     }[case]
     served = []
     rc, err = _run_main(argv, capsys, serve=lambda *a: served.append(a))
@@ -367,13 +565,59 @@ def test_launch_py_subprocess_one_line_error(model, tmp_path):
     (["--tp-size", "3"], "tp_size=3"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--no-tca", "--attention-backend", "tca"], "--no-tca contradicts"),
+    (["--enable-pdmux"], "--enable-pdmux (PD multiplexing"),
+    (["--pp-size", "2"], "--pp-size 2 (pipeline parallelism)"),
+    (["--enable-single-batch-overlap"], "--enable-single-batch-overlap"),
+    (["--enable-torch-compile"], "--enable-torch-compile"),
+    (["--chunked-prefill-size", "-1"], "--chunked-prefill-size -1"),
+    (["--cuda-graph-backend-prefill", "breakable"], "prefill CUDA graph backend breakable"),
+    (["--enable-deterministic-inference"], "--enable-deterministic-inference"),
+    # refused by us before SGLang's own bare `assert self.tp_size % self.dp_size == 0` ("AssertionError: ")
+    (["--enable-dp-attention", "--dp", "2"], "--enable-dp-attention (DP attention); --dp-size 2"),
+    # SGLang's assertions, without TCA: the condition and the flags, not "AssertionError: AssertionError"
+    (["--no-tca", "--enable-dp-attention", "--dp", "2"],
+     "SGLang rejected the server arguments: it requires tp_size % dp_size == 0 (--tp-size 1, --dp-size 2; "
+     "server_args.py:"),
+    # ... also those of check_server_args, which SGLang only runs inside launch_server (a traceback there)
+    (["--no-tca", "--enable-pdmux"],
+     "SGLang rejected the server arguments: PD-Multiplexing is not compatible with chunked prefill."),
 ])
 def test_cli_unsupported_flag_is_one_line(sgl, model, capsys, extra, match):
-    rc, err = _run_main(["--model", str(model), *SGLANG_FLAGS, *extra], capsys, serve=lambda *a: None)
-    assert rc != 0 and "Traceback" not in err
+    served = []
+    rc, err = _run_main(["--model", str(model), *SGLANG_FLAGS, *extra], capsys, serve=lambda *a: served.append(a))
+    assert rc == 2 and not served and "Traceback" not in err and "AssertionError" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1 and match in lines[0], err
     assert "usage:" not in err
+
+
+def test_cli_turns_prefill_cuda_graph_off_for_tca_only(sgl, model, tmp_path, capsys):
+    """SGLang's default prefill CUDA graph is off whenever TCA is on (every GPU check ran so); an explicit
+    `disabled` is fine, any other prefill backend is refused (test above); without TCA nothing is changed."""
+    got = []
+    for extra in ([], ["--disable-prefill-cuda-graph"], ["--cuda-graph-backend-prefill", "disabled"]):
+        rc, err = _run_main(["--model", str(model), *SGLANG_FLAGS, *extra], capsys,
+                            serve=lambda sa, tca: got.append((sa, tca)))
+        assert rc == 0, err
+        sa, tca = got[-1]
+        assert tca and sa.disable_prefill_cuda_graph and sa.cuda_graph_config.prefill.backend == "disabled"
+        assert sa.cuda_graph_config.decode.backend == "full"       # decode graphs stay on
+    bare = make_model(tmp_path / "bare", budgets=False)
+    rc, err = _run_main(["--model", str(bare), "--no-tca", *SGLANG_FLAGS], capsys,
+                        serve=lambda sa, tca: got.append((sa, tca)))
+    assert rc == 0 and got[-1][1] is False and not got[-1][0].disable_prefill_cuda_graph, err
+
+
+def test_launch_py_help_lists_tca_backend(tmp_path):
+    """In a fresh process (registration must happen before SGLang builds its parser)."""
+    r = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--help"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    import re
+
+    choices = re.search(r"--attention-backend \{([^}]*)\}", r.stdout)
+    assert choices and "tca" in choices.group(1).split(","), r.stdout[:2000]
+    assert "--disable-prefill-cuda-graph is added" in " ".join(r.stdout.split())
 
 
 def test_cli_launches_with_tca_scheduler(sgl, model, capsys, monkeypatch):
@@ -387,32 +631,16 @@ def test_cli_launches_with_tca_scheduler(sgl, model, capsys, monkeypatch):
     launched = {}
     monkeypatch.setattr(http_server, "launch_server", lambda sa, **kw: launched.update(sa=sa, **kw))
     monkeypatch.setattr(sgl_utils, "kill_process_tree", lambda *a, **k: None)
-    rc, err = _run_main(["--model", str(model), "--tca-window", "128", "--tca-policy", "streaming",
-                         "--tca-observe", "32", *SGLANG_FLAGS], capsys)
+    rc, err = _run_main(["--model", str(model), "--tca-window", "128", "--tca-policy", "streaming", *SGLANG_FLAGS],
+                        capsys)
     assert rc == 0, err
+    assert launched["sa"].page_size == 64 and launched["sa"].radix_cache_backend == "tca"  # added by launch.py
     assert launched["sa"].attention_backend == "tca"
     assert launched["run_scheduler_process_func"] is sgl.run_scheduler_process
     cfg = TCAConfig.from_env()
     assert cfg.window == 128 and cfg.budgets == str((model / "tca_budgets.json").resolve())
     assert cfg.policy == "streaming" and tca_config.load_runtime(str(model)).policy == "streaming"
-    assert cfg.observe == 32 and tca_config.load_runtime(str(model)).observe == 32
-
-
-def test_offline_engine_checks_tca_config_before_starting(sgl, model, tmp_path, monkeypatch):
-    """sglang_tca.engine.Engine: a bad budgets file is a clear error before SGLang starts anything; a good config
-    reaches the environment its scheduler processes inherit."""
-    from sglang.srt.entrypoints.engine import Engine as SGLangEngine
-
-    from sglang_tca.engine import Engine
-
-    started = []
-    monkeypatch.setattr(SGLangEngine, "__init__", lambda self, **kw: started.append(kw))
-    with pytest.raises(BudgetsError, match="budgets file not found"):
-        Engine(model_path=str(model), attention_backend="tca", tca=TCAConfig(budgets=str(tmp_path / "nope.json")))
-    assert not started
-    Engine(model_path=str(model), attention_backend="tca", tca=TCAConfig(window=128, policy="random"))
-    assert started[0]["attention_backend"] == "tca" and TCAConfig.from_env().policy == "random"
-    assert Engine.run_scheduler_process_func is sgl.run_scheduler_process
+    assert cfg.observe is None and tca_config.load_runtime(str(model)).observe == 0   # the default: none
 
 
 def test_cli_no_tca_and_other_backend(sgl, model, tmp_path, capsys, monkeypatch):

@@ -80,7 +80,8 @@ class Harness:
             TCAConfig(dense_tokens=dense_tokens).to_env()
         args = ["--model-path", str(model_dir), "--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
                 "--attention-backend", "tca", "--page-size", str(B), "--radix-cache-backend", "tca",
-                "--chunked-prefill-size", "64", "--max-running-requests", "4", "--dtype", "float32"]
+                "--chunked-prefill-size", "64", "--max-running-requests", "4", "--dtype", "float32",
+                "--disable-prefill-cuda-graph"]
         if not radix:
             args.append("--disable-radix-cache")
         self.sa = prepare_server_args(args)
