@@ -1,6 +1,6 @@
 """Memory and memory-bound serving: TCA (freed KV) vs dense SGLang (flashinfer), same machine, same run.
 
-    python bench/memory_bench.py run --part {memory,random,gsp} [--backends tca flashinfer] [--out DIR]
+    python bench/memory_bench.py run --parts memory random gsp [--backends tca flashinfer] [--deadline-s S] [--out DIR]
     python bench/memory_bench.py report --runs DIR [DIR ...]      (here: writes bench/results/memory.{md,json,png})
 
 Llama-3.1-8B shape with dummy weights (bench/llama31_8b), SmolLM2's tokenizer (carried as .tok), synthetic budgets:
@@ -44,9 +44,14 @@ KS = (8, 16, 32, 16, 8, 32, 16, 32)               # mean 20 of 64 = 0.3125
 PROMPT_128K = 128 * 1024 - 256
 MEM_FRACTION = "0.85"
 SERVER_FLAGS = {                                  # per part, the same for both backends
-    "memory": [],
-    "random": ["--max-running-requests", "128"],
-    "gsp": ["--max-total-tokens", "163840", "--max-running-requests", "16"],
+    "memory": ["--cuda-graph-max-bs", "32"],
+    "random": ["--max-running-requests", "128", "--cuda-graph-max-bs", "128"],
+    "gsp": ["--max-total-tokens", "163840", "--max-running-requests", "16", "--cuda-graph-max-bs", "16"],
+}
+ESTIMATE_S = {                                    # seconds one (part, backend) takes on an H200, server start included
+    "memory": {"tca": 200, "flashinfer": 70},
+    "random": {"tca": 170, "flashinfer": 180},
+    "gsp": {"tca": 120, "flashinfer": 120},
 }
 BENCH_FLAGS = {
     "random": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "1024",
@@ -146,9 +151,9 @@ def part_memory(srv: Server, n_concurrent: int):
     http(srv.port, "/flush_cache", {})
     info = srv.info()
     res = {"token_capacity": info["memory_usage"]["token_capacity"],
-           "kv_cache_gb": info["memory_usage"]["kv_cache_gb"]}
+           "kv_cache_gb": info["memory_usage"]["kvcache"]}
     if srv.backend != "tca":
-        per_token = info["memory_usage"]["kv_cache_gb"] * 2 ** 30 / info["memory_usage"]["token_capacity"]
+        per_token = info["memory_usage"]["kvcache"] * 2 ** 30 / info["memory_usage"]["token_capacity"]
         res.update(kv_bytes_per_token_128k=per_token,
                    max_concurrent_128k=info["memory_usage"]["token_capacity"] // (PROMPT_128K + 64))
         return res
@@ -215,30 +220,44 @@ def part_bench(srv: Server, part: str, out: Path):
 
 
 def run(args):
+    """Every part in turn, TCA first; a part is skipped when less than its estimate is left before --deadline-s, and
+    the run stops at TCA's first failure (its numbers would have nothing to compare with)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    device = torch.cuda.get_device_name()
-    for i, backend in enumerate(args.backends):
-        srv = Server(backend, out, 30000 + i, SERVER_FLAGS[args.part])
-        try:
-            res = part_memory(srv, args.concurrent) if args.part == "memory" else part_bench(srv, args.part, out)
-        finally:
-            srv.stop()
-        rec = {"part": args.part, "backend": backend, "device": device, "date": str(datetime.date.today()),
-               "server_start_s": srv.start_s, "mem_fraction_static": MEM_FRACTION,
-               "server_flags": SERVER_FLAGS[args.part], **res}
-        with open(out / "memory_runs.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, dict)}), flush=True)
+    device, t_start = torch.cuda.get_device_name(), time.time()
+    for part in args.parts:
+        left, need = args.deadline_s - (time.time() - t_start), sum(ESTIMATE_S[part][b] for b in args.backends)
+        if left < need:
+            print(f"[memory] skipping {part}: {left:.0f}s left, needs ~{need}s", flush=True)
+            continue
+        for i, backend in enumerate(args.backends):
+            rec = {"part": part, "backend": backend, "device": device, "date": str(datetime.date.today()),
+                   "mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part]}
+            srv = None
+            try:
+                srv = Server(backend, out, 30000 + i, SERVER_FLAGS[part])
+                rec["server_start_s"] = srv.start_s
+                rec.update(part_memory(srv, args.concurrent) if part == "memory" else part_bench(srv, part, out))
+            except Exception as e:  # noqa: BLE001 - recorded, and TCA's failure ends the run
+                rec["error"] = f"{type(e).__name__}: {e}"[-4000:]
+            finally:
+                if srv is not None:
+                    srv.stop()
+            with open(out / "memory_runs.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, dict)})[:3000], flush=True)
+            if "error" in rec and backend == "tca":
+                sys.exit(f"[memory] TCA failed in part {part}; stopping")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--part", choices=["memory", "random", "gsp"], required=True)
+    r.add_argument("--parts", nargs="+", choices=list(SERVER_FLAGS), required=True)
+    r.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that would not end before this")
     r.add_argument("--backends", nargs="+", default=["tca", "flashinfer"])
     r.add_argument("--concurrent", type=int, default=17)
     r.add_argument("--out", default=os.environ.get("OUT", "/tmp/memory"))
