@@ -8,9 +8,10 @@ every (layer l, KV head h) keeps exactly KS[(l + h) % 8] of the 64 tokens of a c
 mean kept share of compressed blocks is 0.3125 and the kept amount is exact (dummy weights have no attention worth
 calibrating). Each backend gets one server (`launch.py`, the same flags, the same --mem-fraction-static; the
 prefill CUDA graph off for both: its capture takes minutes) and, per part:
-  memory  one 128K request (130,816 prompt tokens), cached after it finishes: the bytes the pools hold for it
-          (`/get_server_info` -> tca: dense slots in use x bytes per dense token + store pages x page bytes +
-          its logical pages' tables), per token, against dense's bytes per token (its KV pool over its tokens); then
+  memory  one 128K request (130,816 prompt tokens, 256 output tokens): the bytes the pools hold for it while it
+          decodes (`/get_server_info` -> tca: dense slots it holds x bytes per dense token + store pages x page
+          bytes + its logical pages' tables), per token, against dense's bytes per token (its KV pool over its
+          tokens); also with the cached, evictable dense windows at its prefill chunks' ends counted; then
           N 128K requests at once (64 output tokens each): the most the server runs at once (/v1/loads);
           dense's number is its pool's capacity in whole 128K requests (exact: dense holds every token);
   random  SGLang's bench_serving, random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once;
@@ -49,9 +50,9 @@ SERVER_FLAGS = {                                  # per part, the same for both 
     "gsp": ["--max-total-tokens", "163840", "--max-running-requests", "16", "--cuda-graph-max-bs", "16"],
 }
 ESTIMATE_S = {                                    # seconds one (part, backend) takes on an H200, server start included
-    "memory": {"tca": 200, "flashinfer": 70},
+    "memory": {"tca": 300, "flashinfer": 170},
     "random": {"tca": 170, "flashinfer": 180},
-    "gsp": {"tca": 120, "flashinfer": 120},
+    "gsp": {"tca": 200, "flashinfer": 200},
 }
 BENCH_FLAGS = {
     "random": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "1024",
@@ -157,14 +158,28 @@ def part_memory(srv: Server, n_concurrent: int):
         res.update(kv_bytes_per_token_128k=per_token,
                    max_concurrent_128k=info["memory_usage"]["token_capacity"] // (PROMPT_128K + 64))
         return res
+    # one 128K request decoding 256 tokens: the pools sampled while it runs, then once it is cached
+    samples, done = [], threading.Event()
     t0 = time.time()
-    srv.generate(ids(rnd, PROMPT_128K), 1)
-    res["ttft_128k_s"] = round(time.time() - t0, 2)
-    t = srv.info()["tca"]
-    res["tca_after_one_128k"] = t
-    held = t["used_bytes"] + t["used_table_bytes"]
-    res["kv_bytes_per_token_128k"] = held / PROMPT_128K
-    res["dense_token_bytes"] = t["dense_token_bytes"]
+    th = threading.Thread(target=lambda: (srv.generate(ids(rnd, PROMPT_128K), 256), done.set()), daemon=True)
+    th.start()
+    while not done.is_set():
+        t = srv.info()["tca"]
+        if t["logical_used_tokens"] > PROMPT_128K:                        # prefill done, decoding
+            samples.append(t)
+        time.sleep(0.2)
+    th.join()
+    res["wall_128k_s"] = round(time.time() - t0, 2)
+    if not samples:
+        raise RuntimeError("no sample of the pools while the 128K request decoded")
+    run = samples[len(samples) // 2]                                   # mid-decode
+    tokens = run["logical_used_tokens"]
+    held = (run["dense_used_tokens"] - run["dense_evictable_tokens"]) * run["dense_token_bytes"] \
+        + run["store_used_pages"] * run["page_bytes"] + run["used_table_bytes"]
+    res.update(tca_running_128k=run, tca_cached_128k=srv.info()["tca"], kv_bytes_per_token_128k=held / tokens,
+               kv_bytes_per_token_128k_with_cached_windows=(run["used_bytes"] + run["used_table_bytes"]) / tokens,
+               store_bytes_per_token_128k=run["store_used_pages"] * run["page_bytes"] / tokens,
+               dense_token_bytes=run["dense_token_bytes"])
     http(srv.port, "/flush_cache", {})
     peak, stop = [0], threading.Event()
 

@@ -10,7 +10,10 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler.get_internal_state"
 def hook(result, self, *args, **kwargs):
     stats = getattr(self.token_to_kv_pool_allocator, "tca_stats", None)
     if stats is not None and isinstance(getattr(result, "internal_state", None), dict):
-        result.internal_state["tca"] = stats()
+        tca = stats()
+        evictable = getattr(self.tree_cache, "swa_evictable_size", None)   # cached dense windows, freed on demand
+        tca["dense_evictable_tokens"] = int(evictable()) if evictable is not None else 0
+        result.internal_state["tca"] = tca
     return result
 
 

@@ -273,7 +273,11 @@ class Harness:
 
 
 @pytest.fixture
-def harness(sglang_ready):
+def harness(sglang_ready, monkeypatch):
+    from sglang_tca.serving.memory import SCHEDULER_ENV
+
+    for k, v in SCHEDULER_ENV.items():                 # what TCA's scheduler processes run with
+        monkeypatch.setenv(k, v)
     hs = []
 
     def make(**kw):

@@ -122,9 +122,15 @@ def hybrid_swa_view(result):
                                full_tokens_per_layer=plan.logical_tokens, swa_tokens_per_layer=plan.dense_tokens)
 
 
-SWA_EVICTION_INTERVAL = "32"    # decode steps between frees of dense slots that left the window (SGLang: 128)
+# SGLang's SWA switches, set for TCA's scheduler processes: dense slots that left a request's window are freed
+# (their tokens live on in the compressed store) at every decode step's check (SGLang checks every 128th forward of the
+# running batch, which alternating prefill and decode can skip for ever; a request frees at most once per block), and
+# after each prefill chunk is cached (SGLang keeps a cached chunk dense until memory runs short). The last window of each
+# cached chunk stays dense and evictable: a later request can reuse the prefix up to there.
+SCHEDULER_ENV = {"SGLANG_SWA_EVICTION_INTERVAL": "1", "SGLANG_OPT_UNIFIED_CACHE_FREE_OUT_OF_WINDOW_SLOTS": "1"}
 
 
 def set_scheduler_env(environ=os.environ) -> None:
     """Environment for SGLang's scheduler processes under TCA (inherited by the spawned processes)."""
-    environ.setdefault("SGLANG_SWA_EVICTION_INTERVAL", SWA_EVICTION_INTERVAL)
+    for k, v in SCHEDULER_ENV.items():
+        environ.setdefault(k, v)
