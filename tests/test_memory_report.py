@@ -1,0 +1,45 @@
+"""bench/memory_report.py: the issue's fields from the committed run, and parts without both backends stay null."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from memory_report import report  # noqa: E402
+
+RUN = ROOT / "bench" / "results" / "memory_runs" / "h200_2026-12-01.jsonl"
+
+
+def test_report_of_the_committed_run_matches_memory_json(tmp_path):
+    got = report([RUN], tmp_path)
+    assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(
+        (ROOT / "bench" / "results" / "memory.json").read_text())
+    for key in ("device", "date", "kv_bytes_per_token_ratio_128k", "max_concurrent_128k", "memory_bound_req_s",
+                "agent_req_s"):
+        assert key in got
+    assert got["max_concurrent_128k"]["flashinfer"] == 845617 // (128 * 1024 - 256 + 64)
+    assert got["memory_bound_req_s"]["tca"] is None and "not run" in got["memory_bound_req_s"]["note"]
+
+
+def test_a_part_with_one_backend_is_not_run_and_errors_are_skipped(tmp_path):
+    recs = [json.loads(x) for x in RUN.read_text().splitlines()]
+    recs.append({"part": "random", "backend": "tca", "request_throughput": 1.5})
+    recs.append({"part": "gsp", "backend": "tca", "request_throughput": 2.0, "cache_hit_rate": 0.7})
+    recs.append({"part": "gsp", "backend": "flashinfer", "error": "RuntimeError: boom"})
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = report([f], tmp_path / "out")
+    assert got["memory_bound_req_s"]["tca"] is None and got["agent_req_s"]["tca"] is None
+    recs.append({"part": "gsp", "backend": "flashinfer", "request_throughput": 1.0, "cache_hit_rate": 0.5})
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    got = report([f], tmp_path / "out")
+    assert got["agent_req_s"] == {"tca": 2.0, "flashinfer": 1.0} and got["cache_hit_rate_gsp"]["tca"] == 0.7
+
+
+def test_no_memory_part_is_an_error(tmp_path):
+    f = tmp_path / "runs.jsonl"
+    f.write_text(json.dumps({"part": "gsp", "backend": "tca", "request_throughput": 2.0}) + "\n")
+    with pytest.raises(SystemExit, match="no memory part"):
+        report([f], tmp_path / "out")
