@@ -26,6 +26,7 @@ PATCH_MODULES = (
     "tp_worker_forward_batch_generation",
     "scheduler_process_batch_result",
     "scheduler_get_internal_state",
+    "pool_stats_observer_get_swa_token_info",
 )
 
 

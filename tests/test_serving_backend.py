@@ -254,6 +254,16 @@ class Harness:
         self.r2t_pool.free(req)
 
     # -- invariants -------------------------------------------------------------------------------------------------
+    def pool_stats(self):
+        from sglang.srt.managers.scheduler_components.pool_stats_observer import SchedulerPoolStatsObserver
+
+        return SchedulerPoolStatsObserver(
+            tree_cache=self.tree, token_to_kv_pool_allocator=self.alloc, req_to_token_pool=self.r2t_pool,
+            session_controller=None, hisparse_coordinator=None, is_hybrid_swa=True, is_hybrid_ssm=False,
+            enable_hisparse=False, full_tokens_per_layer=self.plan.logical_tokens,
+            swa_tokens_per_layer=self.plan.dense_tokens, max_total_num_tokens=self.plan.logical_tokens,
+            get_last_batch=lambda: None, get_running_batch=lambda: None).get_pool_stats()
+
     def check(self, running=()):
         """SGLang's conservation invariant (invariant_checker._check_pool_invariant), uncached from the running
         requests, and the store's page conservation."""
@@ -266,6 +276,12 @@ class Harness:
         swa = self.alloc.swa_available_size() + t.swa_evictable_size() + t.swa_protected_size() + uncached_swa
         assert full == self.plan.logical_tokens, (full, self.plan.logical_tokens)
         assert swa == self.plan.dense_tokens, (swa, self.plan.dense_tokens)
+        ps = self.pool_stats()        # what SGLang logs and exports: the logical ids in use, not the ones held back
+        in_use = self.plan.logical_tokens - self.alloc.full_attn_allocator.available_size() - t.full_evictable_size()
+        assert ps.full_num_used == in_use and ps.full_available_size == self.alloc.full_available_size()
+        assert ps.full_token_usage == pytest.approx(in_use / (in_use + ps.full_available_size + t.full_evictable_size()))
+        if not running:
+            assert ps.full_num_used == 0 and ps.full_token_usage == 0.0
         if not running and not self.tree.is_chunk_cache():
             self.tree.sanity_check()
         else:
