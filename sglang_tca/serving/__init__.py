@@ -1,7 +1,14 @@
 """The serving path of sglang-tca: what runs inside SGLang's scheduler processes.
 
-    backend.py    the "tca" attention backend (selection, sparse prefill, pruned decode)
+    backend.py    the "tca" attention backend (selection, compaction, sparse prefill, pruned decode)
     selection.py  the server-side block selection (vectorised torch, graph-safe shapes)
+    sizing.py     the memory plan: SGLang's KV budget split into dense pool, compressed store, tables and buffers
+    store.py      the compressed store: per logical page, its record's kept rows; page accounting on the host
+    pool.py       the KV pool: one arena holding the store pages and the dense pool (SGLang's MHA pool as views)
+    allocator.py  SGLang's hybrid-SWA allocator over logical ids ("full") and dense slots ("swa"), admitting by the
+                  store's real free memory
+    radix.py      SGLang's hybrid-SWA radix cache (and chunk cache) that shares compressed prefixes
+    memory.py     the glue the patches call: plan, pool, allocator, the scheduler's environment
 
 The reference algorithm (`sglang_tca.algorithm`) and the budgets format (`sglang_tca.budgets`) live outside this
 package: they are the spec every kernel and this package are tested against.
