@@ -404,3 +404,38 @@ def test_radix_off_frees_everything_at_finish(harness):
     h.finish(a)
     h.check()
     assert h.store.n_records == 0 and h.store.free_pages == h.plan.heap_pages - 1
+
+
+def test_cached_chunks_keep_only_their_last_window_dense_and_dense_pressure_truncates_the_match(harness):
+    """With TCA's scheduler switches, each cached prefill chunk frees its dense slots out of the window at once (the
+    radix cache keeps the chunk's last window dense); when those windows are evicted for dense memory, a later request
+    reuses the prefix only as far as the window before the match point is dense, and recomputes the rest exactly."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    h = harness()
+    doc = ids(30, 384)
+    a = h.new_request(doc)
+    for _ in range(3):
+        assert h.extend([a], [128]) < 1e-4
+        h.check(running=[a])
+    dense_used = h.plan.dense_tokens - h.alloc.swa_available_size()
+    assert dense_used <= 3 * (W + 2 * B) < len(doc), dense_used               # not the whole prompt
+    h.finish(a)
+    h.check()
+    full = h.new_request(doc + ids(31, 20))                                   # the end window is dense: full reuse
+    assert full.kv_committed_len == len(doc)
+    h.finish(full, insert=False)
+    h.tree.evict(EvictParams(num_tokens=0, swa_num_tokens=h.plan.dense_tokens))   # dense memory runs short
+    assert h.plan.dense_tokens - h.alloc.swa_available_size() == 0
+    h.check()
+    b = h.new_request(doc + ids(31, 20))
+    assert b.kv_committed_len < len(doc)                                      # no dense window left to match at
+    for n in (128, 128, 128):
+        left = len(b.origin_input_ids) - b.kv_committed_len
+        if left:
+            assert h.extend([b], [min(n, left)]) < 1e-4
+            h.check(running=[b])
+    for t in range(4):
+        assert h.decode([b], [t + 1]) < 1e-4
+    h.finish(b)
+    h.check()
