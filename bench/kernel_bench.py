@@ -89,7 +89,7 @@ from sglang_tca.kernels.compaction import compact_blocks  # noqa: E402
 from sglang_tca.kernels.kept_lists import kept_lists  # noqa: E402
 from sglang_tca.serving.selection import pack_bits, select_blocks, unpack_bits  # noqa: E402
 from sglang_tca.serving.sizing import ROWS_PER_PAGE, MemoryPlan, ModelDims  # noqa: E402
-from sglang_tca.serving.store import CompressedStore  # noqa: E402
+from sglang_tca.serving.store import CompressedStore, record_kept  # noqa: E402
 
 
 def head_shares(keep: float, hkv: int, device=None) -> torch.Tensor:
@@ -456,13 +456,9 @@ class DecodeCase:
         for r in self.rows.tolist():
             for h in range(self.hkv):
                 for j in range(nb):
-                    P = int(r2t[r, j * b]) // b
-                    bits, v = int(mask[P, l, h]), int(off[P, l, h])
-                    for t in range(b):
-                        if (bits >> t) & 1:
-                            pos.append(j * b + t)
-                            rows.append(int(pt[P, v // R]) * R + v % R)
-                            v += 1
+                    for t, row in record_kept(mask, off, pt, int(r2t[r, j * b]) // b, l, h, b, R):
+                        pos.append(j * b + t)
+                        rows.append(row)
                 indptr.append(len(rows))
         dev = self.q.device
         as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)           # noqa: E731

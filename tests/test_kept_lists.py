@@ -11,7 +11,7 @@ import torch
 from sglang_tca.kernels.kept_lists import kept_lists, n_block_tiles
 from sglang_tca.params import dense_start
 from sglang_tca.serving.sizing import MemoryPlan, ModelDims
-from sglang_tca.serving.store import CompressedStore
+from sglang_tca.serving.store import CompressedStore, record_kept
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = -7
@@ -82,13 +82,9 @@ class Records:
         for h in range(self.hkv):
             pos, rows = [], []
             for j in range(nb + 1):
-                P = int(self.r2t[row, j * b]) // b
-                bits, v = int(mask[P, layer, h]), int(off[P, layer, h])
-                for t in range(b):
-                    if (bits >> t) & 1:
-                        pos.append(j * b + t)
-                        rows.append(int(pt[P, v // R]) * R + v % R)
-                        v += 1
+                for t, r in record_kept(mask, off, pt, int(self.r2t[row, j * b]) // b, layer, h, b, R):
+                    pos.append(j * b + t)
+                    rows.append(r)
             out.append((pos, rows))
         return out
 

@@ -38,18 +38,28 @@ def _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride
 
 
 @triton.jit
-def _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
-                stride_bp, stride_pt, HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
-                ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr):
-    """Keep mask [BLOCK_B, BLOCK], arena rows and positions of blocks j = t0 .. t0 + BLOCK_B - 1 (masked past nb)."""
+def _block_keep(mask, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t, stride_bp,
+                HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, PAGES_TABLE: tl.constexpr):
+    """Keep mask [BLOCK_B, BLOCK] of blocks j = t0 .. t0 + BLOCK_B - 1 (masked past nb), with j, their logical pages
+    and their (page, layer, head) entries of the store's tables."""
     j = t0 + tl.arange(0, BLOCK_B)
     valid = j <= nb
     p = _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride_bp, BLOCK, PAGES_TABLE)
     entry = (p * n_layers + layer) * HKV + h
     bits = tl.load(mask + entry, mask=valid, other=0)
-    base = tl.load(off + entry, mask=valid, other=0)
+    keep = (((bits[:, None] >> tl.arange(0, BLOCK)[None, :].to(tl.int64)) & 1) != 0) & valid[:, None]
+    return keep, j, p, entry
+
+
+@triton.jit
+def _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
+                stride_bp, stride_pt, HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+                ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr):
+    """Keep mask [BLOCK_B, BLOCK], arena rows and positions of blocks j = t0 .. t0 + BLOCK_B - 1 (masked past nb)."""
+    keep, j, p, entry = _block_keep(mask, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
+                                    stride_bp, HKV, BLOCK, BLOCK_B, PAGES_TABLE)
+    base = tl.load(off + entry, mask=j <= nb, other=0)
     t = tl.arange(0, BLOCK)
-    keep = (((bits[:, None] >> t[None, :].to(tl.int64)) & 1) != 0) & valid[:, None]
     v = base[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
     page = tl.load(page_table + p[:, None] * stride_pt + v // ROWS, mask=keep, other=0).to(tl.int64)
     rows = page * ROWS + v % ROWS
@@ -78,12 +88,9 @@ def _kept_count_kernel(mask, off, page_table, req_to_token, block_pages, req_poo
     total = 0
     if t0 <= nb:
         row = tl.load(req_pool_indices + r).to(tl.int64)
-        j = t0 + tl.arange(0, BLOCK_B)
-        valid = j <= nb
-        p = _block_pages(req_to_token, block_pages, r, row, j, valid, stride_r2t, stride_bp, BLOCK, PAGES_TABLE)
-        bits = tl.load(mask + (p * n_layers + layer) * HKV + h, mask=valid, other=0)
-        keep = ((bits[:, None] >> tl.arange(0, BLOCK)[None, :].to(tl.int64)) & 1) != 0
-        total = tl.sum(tl.reshape((keep & valid[:, None]).to(tl.int32), [BLOCK_B * BLOCK]), 0)
+        keep, _, _, _ = _block_keep(mask, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
+                                    stride_bp, HKV, BLOCK, BLOCK_B, PAGES_TABLE)
+        total = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK]), 0)
     tl.store(counts + idx, total)
 
 

@@ -61,10 +61,6 @@ class TCATokenToKVPoolAllocator(SWATokenToKVPoolAllocator):
         """Free logical ids that `full_available_size` holds back because the store could not hold their blocks."""
         return self.full_attn_allocator.available_size() - self.full_available_size()
 
-    def translate_kv_loc(self, kv_indices: torch.Tensor) -> torch.Tensor:
-        """Logical ids -> dense slots, for SGLang's Triton kernels on batches that are dense throughout."""
-        return self.full_to_swa_index_mapping[kv_indices]
-
     def tca_stats(self) -> dict:
         """The memory split and what is in use now (for /get_server_info), in tokens, pages and bytes."""
         s, plan = self.store, self.store.plan

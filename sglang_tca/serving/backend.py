@@ -37,7 +37,7 @@ from sglang_tca.kernels.kept_lists import kept_lists
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import dense_start
 from sglang_tca.serving.pool import TCAKVPool
-from sglang_tca.serving.selection import bits_dtype_check, block_end_rows, select_blocks
+from sglang_tca.serving.selection import block_end_rows, select_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class TCAAttnBackend(TritonAttnBackend):
         rt = load_runtime(model_runner.server_args.model_path)
         tp_rank, tp_size = get_parallel().attn_tp_rank, get_parallel().attn_tp_size
         budgets = rt.for_rank(tp_rank, tp_size)
-        self.block, self.window, self.policy = rt.block, rt.window, rt.policy
-        bits_dtype_check(self.block)
+        self.block, self.window, self.policy = rt.block, rt.window, rt.policy   # block <= 64: budgets.server_limits
         dev = model_runner.device
         self.kv_heads = torch.tensor(list(rt.budgets.rank_kv_heads(tp_rank, tp_size)), device=dev)  # global ids
         self.thresholds = budgets.thresholds.to(dev)                                    # [L, Hkv_local, Kn-1]
@@ -157,12 +156,12 @@ class TCAAttnBackend(TritonAttnBackend):
         sel = torch.tensor(rows, dtype=torch.int64)
         self._sel = sel.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else sel
         self._sel_page = fb.out_cache_loc.index_select(0, self._sel) // self.block
-        self._dense_loc = self.l2d[fb.out_cache_loc]
         self._max_len = int(max(fb.seq_lens_cpu))
         self._dense = self._max_len <= self.dense_window
         if self._dense:
             super().init_forward_metadata(fb)
             return
+        self._dense_loc = self.l2d[fb.out_cache_loc]
         ext, seq = list(fb.extend_seq_lens_cpu), fb.seq_lens_cpu.tolist()
         qo = [0, *itertools.accumulate(ext)]
         self._ext_groups = []                          # (requests a..b, their tokens t0..t1, qo_indptr, bounds)

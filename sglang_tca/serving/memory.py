@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from sglang_tca.algorithm import block_keep_counts
 from sglang_tca.config import load_runtime
 from sglang_tca.serving.sizing import MemoryPlan, ModelDims, SizingError, block_reserve_pages, plan_memory
 
@@ -39,8 +40,8 @@ def max_keep_per_head(budgets, policy: str) -> list[list[int]]:
     none under the "streaming" policy."""
     if policy == "streaming":
         return np.zeros(budgets.thresholds.shape[:2], dtype=np.int64).tolist()
-    reach = (budgets.thresholds <= budgets.block).sum(-1)
-    return (2 ** reach).tolist()
+    top = torch.full((*budgets.thresholds.shape[:2], 1), float(budgets.block))
+    return block_keep_counts(top, budgets.thresholds.float(), budgets.block)[..., 0].tolist()
 
 
 def plan_for(configurator, config) -> MemoryPlan:

@@ -20,11 +20,6 @@ import torch
 from sglang_tca.algorithm import apply_policy, block_keep_counts, keep_from_counts, neff
 
 
-def bits_dtype_check(block: int) -> None:
-    if block > 64:
-        raise ValueError(f"the server stores a block's keep mask in 64 bits; block {block} > 64 is not supported")
-
-
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
     """keep [..., b] bool -> [...] int64 with bit t set for token t (bit 63 wraps to the sign bit, as intended)."""
     shifts = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int64)

@@ -130,7 +130,7 @@ class MemoryPlan:
     @property
     def arena_rows(self) -> int:
         """Rows of the K (and of the V) arena: the store's pages, then every layer's dense slots x KV heads."""
-        return self.heap_pages * self.page_rows + self.dims.layers * (self.dense_tokens + self.block) * self.dims.kv_heads
+        return self.dense_base(self.dims.layers)
 
     def dense_base(self, layer: int) -> int:
         """First arena row of `layer`'s dense buffer ([dense slots + padding page, KV heads] rows)."""

@@ -34,6 +34,19 @@ import torch
 from sglang_tca.serving.sizing import MemoryPlan
 
 
+def record_kept(mask, off, page_table, page: int, layer: int, head: int, block: int, page_rows: int
+                ) -> list[tuple[int, int]]:
+    """Plain-Python reading of one record from host copies of the store's tables, the layout the kernels read: the
+    tokens t the record of logical page `page` keeps for (layer, head), in order, each with its arena row. For checks
+    and benchmarks."""
+    bits, v, out = int(mask[page, layer, head]), int(off[page, layer, head]), []
+    for t in range(block):
+        if (bits >> t) & 1:
+            out.append((t, int(page_table[page, v // page_rows]) * page_rows + v % page_rows))
+            v += 1
+    return out
+
+
 class StoreExhausted(RuntimeError):
     """The store has fewer free pages than a forward's worst case: the admission accounting failed to hold them."""
 
