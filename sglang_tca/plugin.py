@@ -44,7 +44,6 @@ def register() -> None:
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     import patches
-    from sglang_tca.serving.memory import set_scheduler_env
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -56,7 +55,6 @@ def register() -> None:
     if _current_plugin_source.get() is None:
         # Called directly (not by load_plugins(), which applies all hooks right after running its plugins).
         HookRegistry.apply_hooks()
-    set_scheduler_env()
     _registered = True
 
 

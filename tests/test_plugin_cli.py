@@ -91,6 +91,17 @@ def test_register_is_idempotent_and_makes_tca_a_valid_choice(sgl, model):
     assert sa.attention_backend == "tca" and sa.radix_cache_backend == "tca" and sa.page_size == 64
 
 
+def test_register_leaves_sglangs_swa_switches_alone(sgl, monkeypatch):
+    """A dense server started by launch.py (--no-tca, another backend, an SWA model) runs with SGLang's own values."""
+    from sglang_tca.serving.memory import SCHEDULER_ENV
+
+    for k in SCHEDULER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    sgl._registered = False
+    sgl.register()
+    assert not [k for k in SCHEDULER_ENV if k in os.environ]
+
+
 def test_scheduler_entry_registers_loads_config_and_calls_stock(sgl, model, monkeypatch):
     import pickle
 

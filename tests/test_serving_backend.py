@@ -439,3 +439,13 @@ def test_cached_chunks_keep_only_their_last_window_dense_and_dense_pressure_trun
         assert h.decode([b], [t + 1]) < 1e-4
     h.finish(b)
     h.check()
+
+
+def test_building_tcas_allocator_sets_sglangs_swa_switches(harness, monkeypatch):
+    """The switches are set in the process that builds TCA's allocator (a TCA scheduler), not at registration."""
+    from sglang_tca.serving.memory import SCHEDULER_ENV
+
+    for k in SCHEDULER_ENV:
+        monkeypatch.delenv(k)
+    harness()
+    assert {k: os.environ.get(k) for k in SCHEDULER_ENV} == SCHEDULER_ENV

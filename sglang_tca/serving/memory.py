@@ -85,6 +85,7 @@ def build_allocator(configurator, pool, req_to_token_pool):
     from sglang_tca.serving.store import CompressedStore
 
     plan = _PLANS.pop(id(configurator))
+    set_scheduler_env()                  # this scheduler process serves TCA: SGLang's SWA switches for its frees
     store = CompressedStore(plan, configurator.device, chunk_tokens=int(configurator.server_args.chunked_prefill_size),
                             reduce_max=tp_reduce_max())
     return TCATokenToKVPoolAllocator(plan, pool, store, req_to_token_pool, dtype=configurator.kv_cache_dtype,
@@ -132,6 +133,7 @@ SCHEDULER_ENV = {"SGLANG_SWA_EVICTION_INTERVAL": "1", "SGLANG_OPT_UNIFIED_CACHE_
 
 
 def set_scheduler_env(environ=os.environ) -> None:
-    """Environment for SGLang's scheduler processes under TCA (inherited by the spawned processes)."""
+    """Environment of a scheduler process that serves TCA (SGLang reads these switches when it uses them), set when
+    it builds TCA's allocator: a dense server started by launch.py runs with SGLang's own values."""
     for k, v in SCHEDULER_ENV.items():
         environ.setdefault(k, v)
