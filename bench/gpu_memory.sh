@@ -14,4 +14,4 @@ left=$(( ${DEADLINE_S:-560} - ($(date +%s) - t0) ))
 timeout "$left" python3 bench/memory_bench.py run --parts "$@" --deadline-s $(( left - 20 )) --out /tmp/memlogs
 cp /tmp/memlogs/memory_runs.jsonl "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tgz" -C /tmp/memlogs --exclude='*.jsonl' . 2>/dev/null
-for f in /tmp/memlogs/server_tca_*.log; do echo "== $f"; grep -E "TCA|tca|Error|error|Traceback" "$f" | tail -25; done
+for f in /tmp/memlogs/server_tca_*.log; do echo "== $f"; grep -E "TCA|tca|Error|error|Traceback" "$f" | grep -v "server_args=" | cut -c1-300 | tail -25; done

@@ -17,7 +17,8 @@ prefill CUDA graph off for both: its capture takes minutes) and, per part:
   random  SGLang's bench_serving, random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once;
           both servers with --max-running-requests 128 (TCA sizes its dense pool for that many windows);
   gsp     SGLang's bench_serving, generated-shared-prefix multi-turn (--gsp-num-turns 3; 4 system prompts of 32K
-          tokens, 16 conversations, 1K-token questions, 256-token answers), both servers with the KV budget capped
+          tokens, 16 conversations, 1K-token questions, 256-token answers; through /v1/chat/completions, as its
+          multi-turn mode requires, each turn resending the conversation so far), both servers with the KV budget capped
           by --max-total-tokens 163840 (so that dense is memory-bound) and --max-running-requests 16; prefix cache
           hit rate from the server's counters (sglang:cached_tokens_total / sglang:prompt_tokens_total).
 Results: one JSON line per (part, backend) in DIR/memory_runs.jsonl, server logs in DIR.
@@ -51,8 +52,8 @@ SERVER_FLAGS = {                                  # per part, the same for both 
 }
 ESTIMATE_S = {                                    # seconds one (part, backend) takes on an H200, server start included
     "memory": {"tca": 300, "flashinfer": 170},
-    "random": {"tca": 170, "flashinfer": 180},
-    "gsp": {"tca": 200, "flashinfer": 200},
+    "random": {"tca": 250, "flashinfer": 330},
+    "gsp": {"tca": 220, "flashinfer": 260},
 }
 BENCH_FLAGS = {
     "random": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "1024",
@@ -72,7 +73,7 @@ def http(port, path, body=None, timeout=3600):
 
 
 class Server:
-    def __init__(self, backend, out: Path, port: int, extra=()):
+    def __init__(self, backend, out: Path, port: int, extra=(), part: str = "server"):
         self.backend, self.port = backend, port
         args = [sys.executable, str(ROOT / "launch.py"), "--model", str(MODEL), "--load-format", "dummy",
                 "--tokenizer-path", str(TOK), "--context-length", "131072", "--mem-fraction-static", MEM_FRACTION,
@@ -84,7 +85,7 @@ class Server:
             args += ["--tca-budgets", str(out / "budgets.json")]
         else:
             args += ["--attention-backend", backend]
-        self.log_path = out / f"server_{backend}_{port}.log"
+        self.log_path = out / f"server_{backend}_{part}.log"
         self.log = open(self.log_path, "w")
         t0 = time.time()
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -210,7 +211,8 @@ def part_memory(srv: Server, n_concurrent: int):
 def part_bench(srv: Server, part: str, out: Path):
     before = srv.metrics()
     jsonl = out / f"bench_{part}_{srv.backend}.jsonl"
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1", "--port",
+    client = "sglang-oai-chat" if part == "gsp" else "sglang"     # bench_serving's multi-turn needs a chat backend
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", client, "--host", "127.0.0.1", "--port",
            str(srv.port), "--tokenizer", str(TOK), "--model", str(MODEL), "--output-file", str(jsonl),
            "--disable-tqdm", "--flush-cache", *BENCH_FLAGS[part]]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / '.client'}:{os.environ.get('PYTHONPATH', '')}")
@@ -252,7 +254,7 @@ def run(args):
                    "mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part]}
             srv = None
             try:
-                srv = Server(backend, out, 30000 + i, SERVER_FLAGS[part])
+                srv = Server(backend, out, 30000 + i, SERVER_FLAGS[part], part)
                 rec["server_start_s"] = srv.start_s
                 rec.update(part_memory(srv, args.concurrent) if part == "memory" else part_bench(srv, part, out))
             except Exception as e:  # noqa: BLE001 - recorded, and TCA's failure ends the run

@@ -9,18 +9,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from memory_report import report  # noqa: E402
 
-RUN = ROOT / "bench" / "results" / "memory_runs" / "h200_2026-12-01.jsonl"
+RUNS = ROOT / "bench" / "results" / "memory_runs"
+RUN = RUNS / "h200_2026-12-01.jsonl"                 # the memory part
+BENCH_RUN = RUNS / "h200_2026-12-02.jsonl"           # both bench_serving parts
 
 
-def test_report_of_the_committed_run_matches_memory_json(tmp_path):
-    got = report([RUN], tmp_path)
+def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
+    got = report([RUN, BENCH_RUN], tmp_path)
     assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(
         (ROOT / "bench" / "results" / "memory.json").read_text())
     for key in ("device", "date", "kv_bytes_per_token_ratio_128k", "max_concurrent_128k", "memory_bound_req_s",
                 "agent_req_s"):
         assert key in got
     assert got["max_concurrent_128k"]["flashinfer"] == 845617 // (128 * 1024 - 256 + 64)
+    assert got["memory_bound_req_s"] == {"tca": pytest.approx(0.9601, abs=1e-4),
+                                         "flashinfer": pytest.approx(0.7531, abs=1e-4)}
+    assert got["cache_hit_rate_gsp"] == {"tca": 0.8585, "flashinfer": 0.8495}
+    assert (tmp_path / "memory.md").read_text() == (ROOT / "bench" / "results" / "memory.md").read_text()
+
+
+def test_a_part_is_never_paired_across_run_files(tmp_path):
+    recs = [json.loads(x) for x in BENCH_RUN.read_text().splitlines()]
+    only_tca = tmp_path / "tca.jsonl"
+    only_tca.write_text("".join(json.dumps(r) + "\n" for r in recs if r["backend"] == "tca"))
+    only_fi = tmp_path / "fi.jsonl"
+    only_fi.write_text("".join(json.dumps(r) + "\n" for r in recs if r["backend"] == "flashinfer"))
+    got = report([RUN, only_tca, only_fi], tmp_path / "out")
     assert got["memory_bound_req_s"]["tca"] is None and "not run" in got["memory_bound_req_s"]["note"]
+    assert got["random_bench_serving"] is None and got["cache_hit_rate_gsp"] is None
 
 
 def test_a_part_with_one_backend_is_not_run_and_errors_are_skipped(tmp_path):

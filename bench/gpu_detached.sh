@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Run a device-machine job longer than one call's 10 minutes: the job runs in its own process session (which the
+# device tool leaves running after a call returns, until the machine goes back: 30 s idle, 30 min held), and each
+# call waits for it a while and brings back what it has written so far.
+#   bash bench/gpu_detached.sh start CMD [ARG ...]   start CMD (its $OUT is /tmp/detached/out), then wait as below
+#   bash bench/gpu_detached.sh wait                  wait up to WAIT_S (default 560) for the job to end
+# Every call copies the job's files so far and its log into this call's $OUT and prints the log's tail; when the job
+# has ended, $OUT/rc holds its exit status. Issue the next `wait` at once: an idle machine goes back after 30 s.
+set -uo pipefail
+J=/tmp/detached
+case "${1:-}" in
+  start)
+    shift
+    [ $# -gt 0 ] || { echo "usage: $0 start CMD [ARG ...]" >&2; exit 2; }
+    [ ! -e "$J/pid" ] || { echo "a job was already started on this machine ($J)" >&2; exit 2; }
+    mkdir -p "$J/out"
+    OUT="$J/out" setsid bash -c '"$@" > '"$J"'/log 2>&1; echo $? > '"$J"'/rc' job "$@" < /dev/null &
+    echo $! > "$J/pid" ;;
+  wait) [ -e "$J/pid" ] || { echo "no job was started on this machine (it was given back?)" >&2; exit 2; } ;;
+  *) echo "usage: $0 start CMD [ARG ...] | wait" >&2; exit 2 ;;
+esac
+end=$(( $(date +%s) + ${WAIT_S:-560} ))
+while [ ! -e "$J/rc" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+cp -r "$J/out/." "${OUT:?}/" 2>/dev/null
+cp "$J/log" "$OUT/job.log"
+tail -40 "$J/log"
+if [ -e "$J/rc" ]; then cp "$J/rc" "$OUT/rc"; echo "[detached] job ended, rc $(cat "$J/rc")"
+else echo "[detached] job still running after $(( $(ps -o etimes= -p "$(cat "$J/pid")" 2>/dev/null || echo 0) ))s"; fi
