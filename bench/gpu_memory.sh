@@ -8,7 +8,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" OUT="${OUT:-/tmp/out}" PYTHONUNBUFFERED
 mkdir -p "$OUT" /tmp/memlogs
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-[ -n "${SKIP_GPU_TESTS:-}" ] || timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_kept_lists.py \
+[ -n "${SKIP_GPU_TESTS:-}" ] || timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_kept_lists.py tests/test_selection.py \
   2>&1 | tail -15 | tee "$OUT/gpu_kernel_tests.txt"
 left=$(( ${DEADLINE_S:-560} - ($(date +%s) - t0) ))
 timeout "$left" python3 bench/memory_bench.py run --parts "$@" --deadline-s $(( left - 20 )) --out /tmp/memlogs

@@ -9,6 +9,6 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" OUT="${OUT:-/tmp/out}" SGLANG_TCA_ESSAY
 mkdir -p "$OUT"
 [ -f /tmp/smollm2/config.json ] || python3 bench/gguf_parts.py join /tmp/smollm2 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-[ -n "${SKIP_GPU_TESTS:-}" ] || python3 -m pytest -q -x tests/test_kernels.py tests/test_kept_lists.py 2>&1 | tail -1 | tee "$OUT/gpu_kernel_tests.txt"
+[ -n "${SKIP_GPU_TESTS:-}" ] || python3 -m pytest -q -x tests/test_kernels.py tests/test_kept_lists.py tests/test_selection.py 2>&1 | tail -1 | tee "$OUT/gpu_kernel_tests.txt"
 python3 "$1" --model /tmp/smollm2 --out "$OUT" "${@:2}" 2>&1 \
   | tee "$OUT/$(basename "$1" .py).log" | grep -v -E "^\s*$|Capturing|Loading" | tail -40

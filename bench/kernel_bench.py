@@ -37,8 +37,8 @@ worst-case pages reserved (as `CompressedStore.begin_forward` reserves them), an
 in the layers' dense buffers; thresholds [Hkv, Kn-1] ascending. Then it times, each piece alone captured in a CUDA
 graph of many calls and replayed (Triton JIT and warm-up outside the timing), ms per layer call, exactly as
 `TCAAttnBackend.forward_decode` calls them after set_kv_buffer:
-  a_none / a_all  `serving.selection.select_blocks` for the bs decode queries (every row runs, `valid` marks block
-                  ends): at a position that ends no block (63 of 64 steps) / where every request ends a block (same
+  a_none / a_all  `kernels.selection.select_blocks` for the bs decode queries (every row runs, check_pos: rows
+                  that end no block return at once): at a position that ends no block (63 of 64 steps) / where every request ends a block (same
                   static-shape work; a_all also stores real masks);
   b_none / b_all  `kernels.compaction.compact_blocks` (positions given: rows that end no block return at once) /
                   where every request ends a block (copies the kept rows of all layers' heads into the store);
@@ -87,7 +87,8 @@ from sglang_tca.budgets import keep_counts_for  # noqa: E402
 from sglang_tca.kernels import tca_sparse_attention, tca_sparse_attention_ref  # noqa: E402
 from sglang_tca.kernels.compaction import compact_blocks  # noqa: E402
 from sglang_tca.kernels.kept_lists import kept_lists  # noqa: E402
-from sglang_tca.serving.selection import pack_bits, select_blocks, unpack_bits  # noqa: E402
+from sglang_tca.kernels.selection import select_blocks  # noqa: E402
+from sglang_tca.serving.selection import pack_bits, unpack_bits  # noqa: E402
 from sglang_tca.serving.sizing import ROWS_PER_PAGE, MemoryPlan, ModelDims  # noqa: E402
 from sglang_tca.serving.store import CompressedStore, record_kept  # noqa: E402
 
@@ -354,8 +355,8 @@ class DecodeCase:
             self.arena_k[~live] = float("nan")
             self.arena_v[~live] = float("nan")
         # static per-step inputs (what the backend computes from the forward batch)
-        # (positions, logical pages of their blocks (out_cache_loc // b), valid = ends a block) of each step kind
-        self.at = {name: (p, self.r2t[self.rows, p].long() // b, (p + 1) % b == 0)
+        # (positions, logical pages of their blocks (out_cache_loc // b)) of each step kind
+        self.at = {name: (p, self.r2t[self.rows, p].long() // b)
                    for name, p in (("step", self.pos), ("none", self.pos_none), ("all", self.pos_all))}
         self.slot_of = torch.arange(bs, dtype=torch.int32, device=device)
         # the per-batch tables the host fills before a decode graph replay (TCAAttnBackend._set_decode_metadata):
@@ -385,9 +386,9 @@ class DecodeCase:
         return self.arena_k[base:base + n].view(-1, self.hkv, self.d)
 
     def select(self, l, at="step"):
-        pos, page, valid = self.at[at]
+        pos, page = self.at[at]
         select_blocks(self.q, pos, page, self.l2d, self.k_dense(l), self.thr, self.store.mask, self.block, l,
-                      self.scale, "tca", self.heads, valid=valid)
+                      self.scale, "tca", self.heads, check_pos=True)
 
     def select_none(self, l):
         self.select(l, "none")
@@ -396,7 +397,7 @@ class DecodeCase:
         self.select(l, "all")
 
     def compact(self, l, at="step"):
-        pos, page, _ = self.at[at]
+        pos, page = self.at[at]
         compact_blocks(self.arena_k, self.arena_v, self.l2d, page, self.slot_of, self.store, l,
                        self.plan.dense_base(l), self.block, positions=pos)
 
@@ -492,13 +493,12 @@ class DecodeCase:
             match &= torch.equal(got.cpu(), want[0].cpu()) and torch.equal(self.kept_buf[:int(got[-1])].cpu(),
                                                                            want[1].cpu())
         res["lists_match"] = bool(match)
-        # a_none writes no mask but the padding page's; a_all exactly the step's records, at its layer only
+        # a_none writes no mask; a_all exactly the step's records, at its layer only
         l = 0
         before = st.mask.clone()
         self.select_none(l)
         changed = (st.mask != before).flatten(1).any(1).nonzero().flatten().tolist()
-        res["a_none_writes_only_page0"] = set(changed) <= {0}
-        st.mask[0] = before[0]
+        res["a_none_writes_nothing"] = not changed
         st.mask[self.page] = 0                    # the pieces ran already; a selection keeps >= 1 token per head
         before = st.mask.clone()
         self.select_all(l)

@@ -61,7 +61,7 @@ def test_decode_breakdown_smoke_from_the_command_line(tmp_path, capsys):
     for r in rows:
         res = r["smoke"]
         assert res["lists_match"]                   # c == the plain-Python view of the store's records
-        assert res["a_none_writes_only_page0"] and res["a_all_writes_block_ends"]
+        assert res["a_none_writes_nothing"] and res["a_all_writes_block_ends"]
         assert res["b_none_writes_nothing"] and res["b_all_compacts_block_ends"]
         assert res["step_err"] < tol                # e (select + compact + lists + attention) == the reference
         assert res["attention_err"] < tol and r["attention_err_req0"] < tol

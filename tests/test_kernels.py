@@ -286,50 +286,9 @@ def test_long_kept_list_search():
     torch.testing.assert_close(out, batch.expected, atol=2e-5, rtol=2e-5)
 
 
-def _pool_for(q_full, k_full, seed, device=DEV):
-    """Put one sequence's keys into a shuffled pool; returns k_buf, req_to_token, row."""
-    g = torch.Generator().manual_seed(seed)
-    hkv, L, d = k_full.shape
-    perm = torch.randperm(L + 4, generator=g)[:L] + 1
-    k_buf = torch.zeros(L + 6, hkv, d, dtype=k_full.dtype)
-    k_buf[perm] = k_full.transpose(0, 1)
-    r2t = torch.zeros(4, L + 8, dtype=torch.int32)
-    r2t[2, :L] = perm.int()
-    return k_buf.to(device), r2t.to(device), 2
-
-
-@pytest.mark.parametrize("scoring", ["block_last", "window"])
-def test_select_blocks_matches_algorithm(scoring):
-    p = TCAParams(block=16, window=64, scoring=scoring)
-    hq, hkv, d = 6, 2, 32
-    g = torch.Generator().manual_seed(11)
-    L = 330
-    q_full = torch.randn(hq, L, d, generator=g)
-    k_full = torch.randn(hkv, L, d, generator=g) * 2.0
-    thr = hetero_thresholds(p, hq, hkv, d)
-    keep, counts = select(q_full, k_full, thr, p)
-    nb = num_selectable_blocks(L, p)
-    k_buf, r2t, row = _pool_for(q_full, k_full, seed=12)
-    js = torch.arange(0, nb)                                               # block 0 (the sink) keeps everything
-    obs = (js[:, None] + torch.arange(p.n_obs)) * p.block + p.block - 1
-    q_obs = q_full[:, obs].permute(1, 2, 0, 3).contiguous().to(DEV)        # [n, n_obs, Hq, D]
-    rows = torch.full((nb,), row, device=DEV)
-    want_keep = keep[:, : nb * p.block].view(hkv, nb, p.block).transpose(0, 1)
-    res = select_blocks(q_obs, k_buf, r2t, rows, js.to(DEV), thr, p.block)
-    assert torch.equal(res.keep.cpu(), want_keep)
-    assert torch.equal(res.counts.cpu().long(), counts.t().long())
-    for i in range(nb):
-        for h in range(hkv):
-            c = int(res.counts[i, h])
-            want = (torch.nonzero(want_keep[i, h]).flatten() + js[i] * p.block).int()
-            assert torch.equal(res.kept_pos[i, h, :c].cpu(), want)
-            assert (res.kept_pos[i, h, c:] == -1).all()
-    assert (counts[0, 1:] != counts[1, 1:]).any()                          # heads differ
-
-
 def test_selection_feeds_attention_end_to_end():
     """The Triton selection on the store: a prompt's prefill in one chunk, then a decode step that ends a block, two
-    layers. Per layer: select_blocks (kernels.selection) on every block-end token -> packed masks in the store's
+    layers. Per layer: select_blocks (kernels.selection) on every block-end token -> masks in the store's
     records -> compact_blocks -> kept_lists -> tca_sparse_attention == algorithm.tca_attention. Before the decode
     step the dense slots of every position below its dense start are freed (NaN, l2d -> 0): it reads the compressed
     blocks, one of them compressed only now, from the store alone."""
@@ -359,7 +318,6 @@ def test_selection_feeds_attention_end_to_end():
     l2d[lid] = torch.randperm(plan.dense_tokens, generator=g)[:L + 1] + b
     r2t, l2d = r2t.to(DEV), l2d.to(DEV)
     rows = torch.tensor([row], device=DEV)
-    dense_r2t = l2d[r2t.long()].int()                    # the Triton selection reads keys through slot ids
 
     def dense(arena, l):
         base = plan.dense_base(l)
@@ -376,10 +334,9 @@ def test_selection_feeds_attention_end_to_end():
         for l in range(layers):
             dense(arena_k, l)[dl] = k_full[l, :, start:start + n].transpose(0, 1).to(DEV)
             dense(arena_v, l)[dl] = v_full[l, :, start:start + n].transpose(0, 1).to(DEV)
-            js = torch.tensor(end_pos, device=DEV) // b
-            q_obs = q_full[l][:, end_pos].transpose(0, 1).contiguous().to(DEV)
-            res = select_blocks(q_obs, dense(arena_k, l), dense_r2t, rows.repeat(len(ends)), js, thr[l], b)
-            store.mask[rec_page, l] = pack_bits(res.keep)
+            q_end = q_full[l][:, end_pos].transpose(0, 1).contiguous().to(DEV)
+            select_blocks(q_end, torch.tensor(end_pos, device=DEV), rec_page, l2d, dense(arena_k, l), thr[l],
+                          store.mask, b, l, d ** -0.5, check_pos=decode)
             compact_blocks(arena_k, arena_v, l2d, rec_page, slot_of, store, l, plan.dense_base(l), b,
                            positions=torch.tensor(end_pos, device=DEV) if decode else None)
             kept_row = torch.full(((start + n) * hkv,), -1, dtype=torch.int32, device=DEV)
@@ -511,22 +468,41 @@ def test_gpu_bf16_extend_32k():
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_select_blocks_32k():
+    """The selection kernel in bf16 at Llama-3.1-8B's heads over 32K: every block-end token of a prompt (shuffled
+    logical pages and dense slots) against algorithm.select on the same bf16 values in fp32; then a decode-shaped
+    launch (every row runs, check_pos) writes exactly the rows that end a block."""
     p = TCAParams(block=64, window=1024)
-    hq, hkv, d, L = 32, 8, 128, 32768
+    hq, hkv, d, L, layer, layers = 32, 8, 128, 32768, 3, 4
+    b = p.block
     g = torch.Generator(device="cuda").manual_seed(3)
-    q_full = torch.randn(hq, L, d, generator=g, device="cuda")
-    k_full = torch.randn(hkv, L, d, generator=g, device="cuda") * 2.0
-    m = neff(block_scores(q_full, k_full, p, num_selectable_blocks(L, p)))[:, 1:]
-    kn = int(math.log2(p.block)) + 1
+    q_full = torch.randn(hq, L, d, generator=g, device="cuda").bfloat16()
+    k_full = (torch.randn(hkv, L, d, generator=g, device="cuda") * 2.0).bfloat16()
+    m = neff(block_scores(q_full.float(), k_full.float(), p, num_selectable_blocks(L, p)))[:, 1:]
+    kn = int(math.log2(b)) + 1
     shares = torch.softmax(torch.randn(hkv, kn, generator=g, device="cuda"), -1).double()
     thr = thresholds_for_shares(m.double(), shares).float()
-    keep, counts = select(q_full, k_full, thr, p)
-    nb = num_selectable_blocks(L, p)
-    k_buf, r2t, row = _pool_for(q_full.cpu(), k_full.cpu(), seed=4)
-    js = torch.arange(1, nb, device="cuda")
-    q_obs = q_full[:, js * p.block + p.block - 1].permute(1, 0, 2).contiguous()
-    res = select_blocks(q_obs, k_buf, r2t, torch.full_like(js, row), js, thr, p.block)
-    want = keep[:, p.block: nb * p.block].view(hkv, nb - 1, p.block).transpose(0, 1)
-    mismatch = (res.keep != want).any(-1).float().mean().item()
-    assert mismatch < 1e-3, f"{mismatch:.2%} of (block, head) selections differ"        # near-ties only
-    assert (res.counts != counts[:, 1:].t()).float().mean().item() < 1e-3
+    keep, counts = select(q_full.float(), k_full.float(), thr, p)
+    nb = L // b
+    pages = torch.randperm(2 * nb, generator=g, device="cuda")[:nb] + 1
+    l2d = torch.zeros((2 * nb + 1) * b, dtype=torch.int64, device="cuda")
+    t = torch.arange(L, device="cuda")
+    lid = pages[t // b] * b + t % b
+    l2d[lid] = torch.randperm(L + 2 * b, generator=g, device="cuda")[:L] + b
+    k_dense = torch.full((L + 3 * b, hkv, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    k_dense[l2d[lid]] = k_full.transpose(0, 1)
+    mask = torch.zeros(2 * nb + 1, layers, hkv, dtype=torch.int64, device="cuda")
+    ends = t[b - 1::b]
+    select_blocks(q_full[:, ends].transpose(0, 1).contiguous(), ends, pages, l2d, k_dense, thr, mask, b, layer,
+                  d ** -0.5)
+    want = pack_bits(keep.view(hkv, nb, b)).t()                                            # [nb, Hkv]
+    differ = (mask[pages, layer] != want).float().mean().item()
+    assert differ < 1e-3, f"{differ:.2%} of (block, head) selections differ"                # near-ties only
+    assert (mask[pages[0], layer] == -1).all() and (counts[:, 1:] < b).any()                # sink; some pruning
+    assert not mask[:, [x for x in range(layers) if x != layer]].any()
+    # decode shape: the last 64 positions in one launch; only the one that ends a block writes
+    mask.zero_()
+    rows = t[L - 64:]
+    select_blocks(q_full[:, rows].transpose(0, 1).contiguous(), rows, lid[rows] // b, l2d, k_dense, thr, mask, b,
+                  layer, d ** -0.5, check_pos=True)
+    written = mask.ne(0).any(-1).any(-1).nonzero().flatten().tolist()
+    assert written == [int(pages[-1])] and torch.equal(mask[pages[-1], layer], want[-1])

@@ -1,6 +1,7 @@
-"""Server-side block selection (sglang_tca.serving.selection) writes, into the compressed store's mask table
-[logical pages, layers, Hkv], the keep masks `algorithm.select` gives, across prefill chunks, batches of several
-requests, decode steps (every row runs; rows that end no block write the padding page 0), policies and layers."""
+"""Server-side block selection (the Triton kernel sglang_tca.kernels.selection, with sglang_tca.serving.selection's
+host side) writes, into the compressed store's mask table [logical pages, layers, Hkv], the keep masks
+`algorithm.select` gives, across prefill chunks, batches of several requests, decode steps (every row runs; rows that
+end no block write nothing), policies and layers. On CPU the kernel runs under the Triton interpreter (fp32)."""
 import math
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 
 from sglang_tca.algorithm import select
 from sglang_tca.params import TCAParams, dense_start
-from sglang_tca.serving.selection import block_end_rows, pack_bits, select_blocks, unpack_bits
+from sglang_tca.kernels.selection import select_blocks
+from sglang_tca.serving.selection import block_end_rows, pack_bits, unpack_bits
 
 HQ, HKV, D, B, W, LAYERS = 6, 2, 16, 8, 32, 4
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def thresholds():
@@ -62,17 +65,25 @@ class Pool:
         rows, positions = block_end_rows(starts, [k.shape[0] for _, _, k in chunks], self.block)
         sel = torch.tensor(rows, dtype=torch.long)
         assert pos[sel].tolist() == positions
-        select_blocks(q[sel], pos[sel], loc[sel] // self.block, self.l2d, self.k, thresholds(), self.mask,
-                      self.block, layer, D ** -0.5, policy, self.heads)
+        self._select(q[sel], pos[sel], loc[sel] // self.block, policy, layer, check_pos=False)
         return len(rows)
 
     def decode(self, steps, policy="tca", layer=0):
-        """One decode forward [(row, q [1, Hq, D], k [1, Hkv, D])]: every row selects, `valid` marks block ends."""
+        """One decode forward [(row, q [1, Hq, D], k [1, Hkv, D])]: every row runs, those that end no block return."""
         q, pos, loc, _ = self._save(steps)
-        valid = (pos + 1) % self.block == 0
-        select_blocks(q, pos, loc // self.block, self.l2d, self.k, thresholds(), self.mask, self.block, layer,
-                      D ** -0.5, policy, self.heads, valid=valid)
-        return int(valid.sum())
+        before = self.mask.clone()
+        self._select(q, pos, loc // self.block, policy, layer, check_pos=True)
+        ends = (pos + 1) % self.block == 0
+        written = (self.mask != before).any(-1).any(-1).nonzero().flatten()
+        assert set(written.tolist()) <= set((loc[ends] // self.block).tolist())   # no other page written
+        return int(ends.sum())
+
+    def _select(self, q, pos, page, policy, layer, check_pos):
+        """The kernel on DEV (compiled on a GPU, interpreted on CPU); the mask table stays a CPU tensor here."""
+        mask = self.mask.to(DEV)
+        select_blocks(q.to(DEV), pos.to(DEV), page.to(DEV), self.l2d.to(DEV), self.k.to(DEV), thresholds().to(DEV),
+                      mask, self.block, layer, D ** -0.5, policy, self.heads, check_pos=check_pos)
+        self.mask.copy_(mask.cpu())
 
     def view(self, row, layer=0):
         """keep [Hkv, complete blocks * b] read from the masks of the request's block records."""

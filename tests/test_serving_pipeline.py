@@ -14,9 +14,10 @@ import torch
 from sglang_tca.algorithm import masked_attention, select, visible
 from sglang_tca.kernels.compaction import compact_blocks
 from sglang_tca.kernels.kept_lists import kept_lists
+from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import TCAParams, dense_start
-from sglang_tca.serving.selection import block_end_rows, select_blocks
+from sglang_tca.serving.selection import block_end_rows
 from sglang_tca.serving.sizing import MemoryPlan, ModelDims
 from sglang_tca.serving.store import CompressedStore
 
@@ -149,7 +150,7 @@ class FakeServer:
             self.dense_v(l)[dloc] = v
             select_blocks(q[sel].contiguous(), pos[sel], rec_page, self.l2d, self.dense_k(l), self.thr[l],
                           self.store.mask, B, l, D ** -0.5, self.policy, torch.arange(HKV),
-                          valid=((pos[sel] + 1) % B == 0) if decode else None)
+                          check_pos=decode)
             compact_blocks(self.arena_k, self.arena_v, self.l2d, rec_page, slot_of, self.store, l,
                            self.plan.dense_base(l), B, positions=pos[sel] if decode else None)
             last = torch.tensor([s + n - 1 for (r, n), s in zip(batch, starts)])

@@ -1,160 +1,108 @@
-"""Token selection of newly compressible blocks: `algorithm.select`, one block at a time, over SGLang's token pool.
+"""Selection of the blocks that complete in a forward pass, one Triton launch per layer (graph-safe, no host sync).
 
-For each block (request row, block index j >= 1) and each KV head h, with the block's observation queries
-(scoring="block_last": the query at position (j+1)*b - 1, all Hq heads; scoring="window": the last queries of blocks
-j .. j + w/b - 1):
+Row i of the launch is a token at position pos[i] whose logical page is rec_page[i]. A row ends block j when
+(pos + 1) % b == 0; with check_pos (decode, where every row of the batch runs) the other rows return at once. For
+each row that ends a block and each KV head h, with the block's keys K[t] = k_dense[l2d[P*b + t]] (t < b, P =
+rec_page[i]) and the row's own query (scoring "block_last"):
 
-    s[g, o, :] = q_obs[o, h*G + g] . K[j*b : (j+1)*b, h] / sqrt(D)          (K gathered through req_to_token)
-    a          = max_g mean_o softmax(s[g, o, :])                          [b]
-    n_eff      = exp(entropy(a / sum(a)))
-    k          = keep_counts[searchsorted(thresholds[h], n_eff, right=True)]   (j == 0, the sink: k = b)
-    keep       = top-k of a, ties to the earlier token
+    s[g, :] = q[i, h*G + g] . K[:, h] * scale            (g < G = Hq / Hkv)
+    a       = max_g softmax(s[g, :])                      [b]
+    n_eff   = exp(entropy(a / sum(a)))
+    k       = 2 ** (number of the head's thresholds <= n_eff)       (algorithm.block_keep_counts)
+    keep    = top-k of a, ties to the earlier token                  (algorithm.keep_from_counts)
 
-exactly as `algorithm.block_scores`, `neff`, `block_keep_counts` and `keep_from_counts` do it (fp32 math).
+and the b-bit keep mask is stored at mask[P, layer, h] (bit t = token t; bit 63 is the sign bit). Fp32 math, the
+same as `sglang_tca.algorithm` (block_scores with n_obs = 1, neff, block_keep_counts, keep_from_counts,
+apply_policy). The sink (pos < b) keeps every token. Policies (algorithm.apply_policy): "random" keeps TCA's counts
+but ranks the tokens by `algorithm.hash_scores` (computed with torch and passed in: a function of the positions
+only), "streaming" keeps no token of a compressed block.
 
-`select_blocks` is a Triton kernel, one program per (block, KV head), for b <= 128 (the [b, b] rank matrix lives in
-registers). It is cheap next to attention: a block becomes compressible once per b tokens per request, and a whole
-32K prompt has ~500 blocks x Hkv programs of b x D work each; over the same math in torch
-(`selection.scores_to_bits`, what the server runs today) it saves ~15 small launches per layer. Not yet used by the
-server: `_prep` builds `keep_counts` on the host, which decode CUDA-graph capture refuses; precompute it first.
-
-Output (`SelectResult`), for n blocks:
-    keep     [n, Hkv, b] bool      kept tokens of each block
-    counts   [n, Hkv] int32        k per (block, head)
-    kept_pos [n, Hkv, b] int32     absolute positions of the kept tokens, ascending, in the first counts[i, h]
-                                   entries; -1 after them. Appending kept_pos[i, h, :counts[i, h]] to the (request,
-                                   head) list keeps it sorted when blocks are appended in increasing j.
-    scores   [n, Hkv, b] float32   a (for debugging / calibration)
-    neff     [n, Hkv] float32      the metric
+One program per (row, KV head); the [b, b] rank matrix lives in registers (b <= 64: the mask is one int64).
 """
 from __future__ import annotations
-
-import math
-from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-
-class SelectResult(NamedTuple):
-    keep: torch.Tensor
-    counts: torch.Tensor
-    kept_pos: torch.Tensor
-    scores: torch.Tensor
-    neff: torch.Tensor
+from sglang_tca.algorithm import hash_scores
+from sglang_tca.params import POLICIES          # ("tca", "random", "streaming"): the kernel's POLICY is the index
 
 
 @triton.jit
-def _select_kernel(
-    QObs, K_Buf, req_to_token, req_pool_indices, block_idx, thresholds, keep_counts,
-    Keep, Counts, KeptPos, Scores, Neff,
-    sqrt_d, n_obs, n_thr,
-    stride_qb, stride_qo, stride_qh,
-    stride_kbs, stride_kh,
-    stride_r2t, stride_th,
-    num_kv_heads,
-    D: tl.constexpr, B: tl.constexpr, G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
+def _select_kernel(Q, positions, rec_page, l2d, K, thresholds, rank_scores, mask, scale, layer, n_layers, n_thr,
+                   stride_qn, stride_qh, stride_ks, stride_kh, stride_th,
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr,
+                   BLOCK_T: tl.constexpr, POLICY: tl.constexpr, CHECK_POS: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)
-    rp = tl.load(req_pool_indices + i).to(tl.int64)
-    j = tl.load(block_idx + i).to(tl.int32)
-
-    offs_b = tl.arange(0, B)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    pos = j * B + offs_b
-    slot = tl.load(req_to_token + rp * stride_r2t + pos).to(tl.int64)
-    k = tl.load(K_Buf + slot[:, None] * stride_kbs + h * stride_kh + offs_d[None, :],
-                mask=mask_d[None, :], other=0.0).to(tl.float32)                     # [B, BLOCK_D]
-
-    a = tl.zeros([B], dtype=tl.float32) - float("inf")
+    pos = tl.load(positions + i).to(tl.int64)
+    if CHECK_POS:                                    # decode: only rows whose token ends a block
+        if (pos + 1) % B != 0:
+            return
+    p = tl.load(rec_page + i).to(tl.int64)
+    t = tl.arange(0, B)
+    d = tl.arange(0, BLOCK_D)
+    md = d < D
+    slot = tl.load(l2d + p * B + t).to(tl.int64)                                   # the block's dense slots
+    k = tl.load(K + slot[:, None] * stride_ks + h * stride_kh + d[None, :], mask=md[None, :],
+                other=0.0).to(tl.float32)                                          # [B, BLOCK_D]
+    a = tl.full([B], float("-inf"), tl.float32)
     for g in tl.static_range(G):
-        ssum = tl.zeros([B], dtype=tl.float32)
-        for o in range(n_obs):
-            qv = tl.load(QObs + i.to(tl.int64) * stride_qb + o * stride_qo + (h * G + g) * stride_qh + offs_d,
-                         mask=mask_d, other=0.0).to(tl.float32)
-            s = tl.sum(k * qv[None, :], 1) / sqrt_d
-            e = tl.exp(s - tl.max(s, 0))
-            ssum += e / tl.sum(e, 0)
-        a = tl.maximum(a, ssum / n_obs)
-
-    # n_eff = exp(entropy) of the renormalised scores
+        qv = tl.load(Q + i.to(tl.int64) * stride_qn + (h * G + g) * stride_qh + d, mask=md, other=0.0)
+        s = tl.sum(k * qv.to(tl.float32)[None, :], 1) * scale
+        e = tl.exp(s - tl.max(s, 0))
+        a = tl.maximum(a, e / tl.sum(e, 0))
     an = a / tl.maximum(tl.sum(a, 0), 1e-30)
     ne = tl.exp(-tl.sum(an * tl.log(tl.maximum(an, 1e-30)), 0))
-    # searchsorted(thresholds[h], ne, right=True) = number of thresholds <= ne
-    offs_t = tl.arange(0, BLOCK_T)
-    thr = tl.load(thresholds + h * stride_th + offs_t, mask=offs_t < n_thr, other=float("inf"))
-    idx = tl.sum((thr <= ne).to(tl.int32), 0)
-    kc = tl.load(keep_counts + idx).to(tl.int32)
-    kc = tl.where(j == 0, B, kc)
-
-    # rank under a stable descending sort: greater scores, then equal scores of earlier tokens
-    ai = a[:, None]
-    aj = a[None, :]
-    beats = (aj > ai) | ((aj == ai) & (offs_b[None, :] < offs_b[:, None]))
-    rank = tl.sum(beats.to(tl.int32), 1)
-    keep = rank < kc
-
-    out_off = (i.to(tl.int64) * num_kv_heads + h) * B
-    tl.store(Keep + out_off + offs_b, keep.to(tl.int8))
-    tl.store(Scores + out_off + offs_b, a)
-    tl.store(Counts + i * num_kv_heads + h, kc)
-    tl.store(Neff + i * num_kv_heads + h, ne)
-    dst = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(KeptPos + out_off + offs_b, tl.full([B], -1, tl.int32), mask=offs_b >= kc)
-    tl.store(KeptPos + out_off + dst, pos, mask=keep)
+    c = tl.arange(0, BLOCK_T)
+    thr = tl.load(thresholds + h * stride_th + c, mask=c < n_thr, other=float("inf"))
+    kc = 1 << tl.sum((thr <= ne).to(tl.int32), 0)                                   # searchsorted(right=True)
+    if POLICY == 2:                                  # streaming: a compressed block keeps nothing
+        kc = 0
+    kc = tl.where(pos < B, B, kc)                    # the sink keeps everything
+    if POLICY == 1:                                  # random: TCA's counts, tokens ranked by their hash
+        r = tl.load(rank_scores + (i.to(tl.int64) * HKV + h) * B + t)
+    else:
+        r = a
+    beats = (r[None, :] > r[:, None]) | ((r[None, :] == r[:, None]) & (t[None, :] < t[:, None]))
+    keep = tl.sum(beats.to(tl.int32), 1) < kc        # rank under a stable descending sort
+    bits = tl.sum(keep.to(tl.int64) << t.to(tl.int64), 0)
+    tl.store(mask + (p * n_layers + layer) * HKV + h, bits)
 
 
-def _prep(q_obs, thresholds, block, keep_counts, device):
-    if q_obs.dim() == 3:
-        q_obs = q_obs[:, None]
-    assert q_obs.dim() == 4, "q_obs [n_blocks, n_obs, Hq, D] (or [n_blocks, Hq, D] for n_obs = 1)"
-    kn = thresholds.shape[-1] + 1
-    if keep_counts is None:
-        keep_counts = 2 ** torch.arange(kn)
-    keep_counts = keep_counts.to(device=device, dtype=torch.int32)
-    assert keep_counts.numel() == kn, "keep_counts must have thresholds.shape[-1] + 1 entries"
-    return q_obs, thresholds.to(device=device, dtype=torch.float32).contiguous(), keep_counts
+def select_blocks(q: torch.Tensor, positions: torch.Tensor, rec_page: torch.Tensor, l2d: torch.Tensor,
+                  k_dense: torch.Tensor, thresholds: torch.Tensor, mask: torch.Tensor, block: int, layer: int,
+                  scale: float, policy: str = "tca", heads: torch.Tensor | None = None,
+                  check_pos: bool = False) -> None:
+    """Select the blocks that end at these tokens and store their masks at mask[P, layer] (see the module docstring).
 
-
-def select_blocks(q_obs: torch.Tensor, k_buffer: torch.Tensor, req_to_token: torch.Tensor,
-                  req_pool_indices: torch.Tensor, block_idx: torch.Tensor, thresholds: torch.Tensor, block: int,
-                  keep_counts: Optional[torch.Tensor] = None) -> SelectResult:
-    """Triton selection (one program per (block, KV head)); see the module docstring.
-
-    q_obs [n, n_obs, Hq, D] (or [n, Hq, D]) observation queries of each block, any float dtype (math in fp32);
-    k_buffer [slots, Hkv, D]; req_to_token [R, max_ctx] int32; req_pool_indices [n] and block_idx [n] int (request
-    row and block index j of each block; positions j*b .. (j+1)*b - 1 must be in the pool);
-    thresholds [Hkv, Kn-1] ascending (this layer, TP-local heads); keep_counts [Kn] (default 1, 2, 4, ..., b).
-    """
-    assert block & (block - 1) == 0 and block <= 128, "Triton selection needs a power-of-two block <= 128"
-    q_obs, thr, kc = _prep(q_obs, thresholds, block, keep_counts, k_buffer.device)
-    n, n_obs, Hq, D = q_obs.shape
-    Hkv = k_buffer.shape[1]
-    assert Hq % Hkv == 0 and k_buffer.shape[2] == D and thr.shape[0] == Hkv
-    assert q_obs.stride(-1) == 1 and k_buffer.stride(-1) == 1 and req_to_token.stride(-1) == 1
-    dev = k_buffer.device
-    keep = torch.empty(n, Hkv, block, dtype=torch.int8, device=dev)
-    counts = torch.empty(n, Hkv, dtype=torch.int32, device=dev)
-    kept_pos = torch.empty(n, Hkv, block, dtype=torch.int32, device=dev)
-    scores = torch.empty(n, Hkv, block, dtype=torch.float32, device=dev)
-    ne = torch.empty(n, Hkv, dtype=torch.float32, device=dev)
-    if n > 0:
-        n_thr = thr.shape[-1]
-        thr_arg = thr if n_thr > 0 else torch.full((Hkv, 1), math.inf, device=dev)
-        _select_kernel[(n, Hkv)](
-            q_obs, k_buffer, req_to_token, req_pool_indices, block_idx, thr_arg, kc,
-            keep, counts, kept_pos, scores, ne,
-            math.sqrt(D), n_obs, n_thr,
-            q_obs.stride(0), q_obs.stride(1), q_obs.stride(2),
-            k_buffer.stride(0), k_buffer.stride(1),
-            req_to_token.stride(0), thr_arg.stride(0),
-            Hkv,
-            D=D, B=block, G=Hq // Hkv, BLOCK_D=triton.next_power_of_2(D),
-            BLOCK_T=max(2, triton.next_power_of_2(max(n_thr, 1))),
-            num_warps=4,
-        )
-    return SelectResult(keep.bool(), counts, kept_pos, scores, ne)
+    q [n, Hq, D] the tokens' queries of this layer (any float dtype; the last dim contiguous); positions [n] (each
+    ends a block, unless check_pos: then rows that end none are skipped); rec_page [n] their logical pages; l2d
+    SGLang's logical -> dense slot map; k_dense [dense slots, Hkv, D] this layer's dense K buffer, holding the blocks'
+    keys; thresholds [Hkv, Kn-1] ascending (this layer, this rank's heads); mask [logical pages, layers, Hkv] int64;
+    heads [Hkv] the global KV head ids (the "random" policy's hash)."""
+    n = q.shape[0]
+    if n == 0:
+        return
+    if policy not in POLICIES:
+        raise ValueError(f"unknown selection policy {policy!r}; expected one of {POLICIES}")
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k_dense.shape[1]
+    assert block & (block - 1) == 0 and block <= 64, "the selection needs a power-of-two block <= 64"
+    assert hq % hkv == 0 and k_dense.shape[2] == d and thresholds.shape[0] == hkv
+    assert q.stride(2) == 1 and k_dense.stride(2) == 1 and mask.is_contiguous()
+    rank_scores = mask                                                              # unused unless "random"
+    if policy == "random":
+        tok = (positions - block + 1)[:, None, None] + torch.arange(block, device=q.device)
+        rank_scores = hash_scores(tok, heads.to(q.device).view(1, hkv, 1), layer).contiguous()   # [n, Hkv, b]
+    thr = thresholds.float().contiguous()
+    n_thr = thr.shape[1]
+    if n_thr == 0:
+        thr = torch.full((hkv, 1), float("inf"), device=q.device)
+    _select_kernel[(n, hkv)](
+        q, positions, rec_page, l2d, k_dense, thr, rank_scores, mask, scale, layer, mask.shape[1], n_thr,
+        q.stride(0), q.stride(1), k_dense.stride(0), k_dense.stride(1), thr.stride(0),
+        HKV=hkv, G=hq // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), B=block,
+        BLOCK_T=max(2, triton.next_power_of_2(max(n_thr, 1))), POLICY=POLICIES.index(policy), CHECK_POS=check_pos,
+        num_warps=4)

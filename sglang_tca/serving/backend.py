@@ -7,8 +7,9 @@ and each such block gets its worst case of store pages (`CompressedStore.begin_f
 
 Per layer, in extend (prefill chunks) and decode alike:
   1. save the batch's K/V into the dense pool (logical ids -> dense slots through SGLang's map);
-  2. every token that ends a block selects it from its own query (`selection.select_blocks`, scoring "block_last"):
-     one keep mask per KV head in the block's record (the sink keeps everything);
+  2. every token that ends a block selects it from its own query (`kernels.selection`, scoring "block_last"; in
+     decode every row runs and the rows that end no block return at once): one keep mask per KV head in the block's
+     record (the sink keeps everything);
   3. the block's kept rows are copied into the record's store pages (`kernels.compaction`);
   4. attention: each query sees the sink and the kept tokens of blocks that left its window, read from the store
      (`kernels.kept_lists` -> `kernels.sparse_attention`), and its dense window, read from the dense pool.
@@ -34,10 +35,11 @@ from sglang.srt.runtime_context import get_parallel
 from sglang_tca.config import STATS_ENV, load_runtime
 from sglang_tca.kernels.compaction import compact_blocks
 from sglang_tca.kernels.kept_lists import kept_lists
+from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import dense_start
 from sglang_tca.serving.pool import TCAKVPool
-from sglang_tca.serving.selection import block_end_rows, select_blocks
+from sglang_tca.serving.selection import block_end_rows
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +189,8 @@ class TCAAttnBackend(TritonAttnBackend):
             if l == 0:
                 self._decode_page = fb.out_cache_loc // self.block
             pos, page = fb.positions, self._decode_page
-            valid = (pos + 1) % self.block == 0
             select_blocks(q, pos, page, self.l2d, k_dense, self.thresholds[l], self.store.mask, self.block, l,
-                          layer.scaling, self.policy, self.kv_heads, valid=valid)
+                          layer.scaling, self.policy, self.kv_heads, check_pos=True)
             compact_blocks(self.pool.arena_k, self.pool.arena_v, self.l2d, page, self._arange[:page.numel()],
                            self.store, l, self.plan.dense_base(l), self.block, positions=pos)
             return
