@@ -99,7 +99,8 @@ NOTES = {
   named by part), so its peak concurrency is not known. TCA gained 1.27x, not the 2x asked: its time per output token
   is higher (median 40.8 vs 34.2 ms: every row runs the block selection and the kept lists are rebuilt at every decode
   step) and its 16K prefill is barely faster than flashinfer's, so the extra room is spent on slower steps (the speed
-  issue's work).
+  issue's work). Both parts ran on commit d70e14f's code, before the selection became one Triton kernel per layer
+  (ad0cf47, same day: `decode_breakdown_h200.md`); not re-run on it.
   gsp: with `--max-total-tokens 163840` dense still holds the four 32K system prompts (its hit rate is 0.850 against
   TCA's 0.859), so this load is not memory-bound for dense; TCA's 1.19x comes from faster decode at 32K (28.3 vs 34.8
   ms). A tighter cap (below the 131,072 tokens of the four prompts) is the load the issue's claim needs; not run.""",

@@ -96,7 +96,7 @@ def select_blocks(q: torch.Tensor, positions: torch.Tensor, rec_page: torch.Tens
     if policy == "random":
         tok = (positions - block + 1)[:, None, None] + torch.arange(block, device=q.device)
         rank_scores = hash_scores(tok, heads.to(q.device).view(1, hkv, 1), layer).contiguous()   # [n, Hkv, b]
-    thr = thresholds.float().contiguous()
+    thr = thresholds.to(device=q.device, dtype=torch.float32).contiguous()      # a no-op in the server
     n_thr = thr.shape[1]
     if n_thr == 0:
         thr = torch.full((hkv, 1), float("inf"), device=q.device)
