@@ -4,7 +4,8 @@
     python bench/memory_bench.py report --runs DIR [DIR ...]      (here: writes bench/results/memory.{md,json,png})
 
 Llama-3.1-8B shape with dummy weights (bench/llama31_8b), SmolLM2's tokenizer (carried as .tok), synthetic budgets:
-every (layer l, KV head h) keeps exactly KS[(l + h) % 8] of the 64 tokens of a compressed block, KS below, so the
+every (layer l, KV head h) keeps exactly KS[(l + h) % 8] of the 64 tokens of a compressed block (KS in
+bench/synthetic_budgets.py), so the
 mean kept share of compressed blocks is 0.3125 and the kept amount is exact (dummy weights have no attention worth
 calibrating). Each backend gets one server (`launch.py`, the same flags, the same --mem-fraction-static; the
 prefill CUDA graph off for both: its capture takes minutes) and, per part:
@@ -19,7 +20,9 @@ prefill CUDA graph off for both: its capture takes minutes) and, per part:
   gsp     SGLang's bench_serving, generated-shared-prefix multi-turn (--gsp-num-turns 3; 4 system prompts of 32K
           tokens, 16 conversations, 1K-token questions, 256-token answers; through /v1/chat/completions, as its
           multi-turn mode requires, each turn resending the conversation so far), both servers with the KV budget capped
-          by --max-total-tokens 163840 (so that dense is memory-bound) and --max-running-requests 16; prefix cache
+          by --max-total-tokens 98304 (below the 131,072 tokens of the four system prompts, so that dense must evict
+          and recompute them; the 2026-12-02 run used 163840, which dense's cache still held) and
+          --max-running-requests 16; prefix cache
           hit rate from the server's counters (sglang:cached_tokens_total / sglang:prompt_tokens_total).
 Results: one JSON line per (part, backend) in DIR/memory_runs.jsonl, server logs in DIR.
 """
@@ -39,16 +42,16 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-MODEL = ROOT / "bench" / "llama31_8b"
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
+
 TOK = ROOT / ".tok"
-KS = (8, 16, 32, 16, 8, 32, 16, 32)               # mean 20 of 64 = 0.3125
 PROMPT_128K = 128 * 1024 - 256
 MEM_FRACTION = "0.85"
 SERVER_FLAGS = {                                  # per part, the same for both backends
     "memory": ["--cuda-graph-max-bs", "32"],
     "random": ["--max-running-requests", "128", "--cuda-graph-max-bs", "128"],
-    "gsp": ["--max-total-tokens", "163840", "--max-running-requests", "16", "--cuda-graph-max-bs", "16"],
+    "gsp": ["--max-total-tokens", "98304", "--max-running-requests", "16", "--cuda-graph-max-bs", "16"],
 }
 ESTIMATE_S = {                                    # seconds one (part, backend) takes on an H200, server start included
     "memory": {"tca": 300, "flashinfer": 170},
@@ -79,9 +82,7 @@ class Server:
                 "--tokenizer-path", str(TOK), "--context-length", "131072", "--mem-fraction-static", MEM_FRACTION,
                 "--disable-prefill-cuda-graph", "--port", str(port), "--enable-metrics", "--log-level", "info", *extra]
         if backend == "tca":
-            from speed_llama8b import synthetic_budgets
-
-            synthetic_budgets(out / "budgets.json", KS)
+            synthetic_budgets(out / "budgets.json")
             args += ["--tca-budgets", str(out / "budgets.json")]
         else:
             args += ["--attention-backend", backend]
@@ -208,17 +209,18 @@ def part_memory(srv: Server, n_concurrent: int):
     return res
 
 
-def part_bench(srv: Server, part: str, out: Path):
+def bench_serving(srv: Server, flags: list[str], out: Path, tag: str, client: str = "sglang") -> dict:
+    """SGLang's own client (`python -m sglang.bench_serving`) against the server: its summary record (the fields
+    below), the prefix cache hit rate from the server's counters over the run, and the command."""
     before = srv.metrics()
-    jsonl = out / f"bench_{part}_{srv.backend}.jsonl"
-    client = "sglang-oai-chat" if part == "gsp" else "sglang"     # bench_serving's multi-turn needs a chat backend
+    jsonl = out / f"bench_{tag}_{srv.backend}.jsonl"
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", client, "--host", "127.0.0.1", "--port",
            str(srv.port), "--tokenizer", str(TOK), "--model", str(MODEL), "--output-file", str(jsonl),
-           "--disable-tqdm", "--flush-cache", *BENCH_FLAGS[part]]
+           "--disable-tqdm", "--flush-cache", *flags]
     env = dict(os.environ, PYTHONPATH=f"{ROOT / '.client'}:{os.environ.get('PYTHONPATH', '')}")
     t0 = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
-    (out / f"bench_{part}_{srv.backend}.log").write_text(p.stdout + p.stderr)
+    (out / f"bench_{tag}_{srv.backend}.log").write_text(p.stdout + p.stderr)
     if p.returncode != 0:
         raise RuntimeError(f"bench_serving failed: {(p.stdout + p.stderr)[-3000:]}")
     after = srv.metrics()
@@ -231,6 +233,12 @@ def part_bench(srv: Server, part: str, out: Path):
     res = {k: rec[k] for k in keep if k in rec}
     res.update(cache_hit_rate=round(cached / prompt, 4) if prompt else None, bench_wall_s=round(time.time() - t0, 1),
                command=" ".join(["python -m sglang.bench_serving", *cmd[3:]]))
+    return res
+
+
+def part_bench(srv: Server, part: str, out: Path):
+    client = "sglang-oai-chat" if part == "gsp" else "sglang"     # bench_serving's multi-turn needs a chat backend
+    res = bench_serving(srv, BENCH_FLAGS[part], out, part, client)
     if srv.backend == "tca":
         res["tca_after"] = srv.info()["tca"]
     return res
@@ -282,7 +290,6 @@ def main():
     rep.add_argument("--runs", nargs="+", required=True)
     args = ap.parse_args()
     if args.cmd == "run":
-        sys.path.insert(0, str(ROOT / "bench"))
         run(args)
     else:
         from memory_report import report

@@ -13,9 +13,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-COMMAND = ("source .gpu/env.sh && bash bench/gpu_memory.sh PART...   (carry .gpu .tok .client; runs `python "
-           "bench/memory_bench.py run --parts PART...`; jobs longer than one call through `bench/gpu_detached.sh start "
-           "bash bench/gpu_memory.sh PART...`, then `bash bench/gpu_detached.sh wait`)")
+COMMAND = ("source .gpu/env.sh && bash bench/gpu_llama8b.sh bench/memory_bench.py PART...   (carry .gpu .tok .client; "
+           "runs `python bench/memory_bench.py run --parts PART...`; jobs longer than one call through "
+           "`bench/gpu_detached.sh start bash bench/gpu_llama8b.sh bench/memory_bench.py PART...`, then "
+           "`bash bench/gpu_detached.sh wait`)")
 BENCH_KEYS = ("request_throughput", "output_throughput", "median_tpot_ms", "mean_ttft_ms", "duration",
               "cache_hit_rate", "completed")
 

@@ -1,7 +1,8 @@
 """The serving path of sglang-tca: what runs inside SGLang's scheduler processes.
 
     backend.py    the "tca" attention backend (selection, compaction, sparse prefill, pruned decode)
-    selection.py  the server-side block selection (vectorised torch, graph-safe shapes)
+    selection.py  the host side of the block selection: which tokens of a batch end a block; mask bit packing
+                  (the selection itself is the Triton kernel sglang_tca/kernels/selection.py)
     sizing.py     the memory plan: SGLang's KV budget split into dense pool, compressed store, tables and buffers
     store.py      the compressed store: per logical page, its record's kept rows; page accounting on the host
     pool.py       the KV pool: one arena holding the store pages and the dense pool (SGLang's MHA pool as views)

@@ -1,0 +1,171 @@
+"""bench/results/speed.{md,json,png} from the JSON lines of `bench/speed_bench.py run` (one file per GPU job).
+
+    python bench/speed_bench.py report --runs bench/results/speed_runs/FILE.jsonl [...]
+
+The last record of each (part, backend) wins; a part is reported only when one run file holds it for both TCA and
+flashinfer (never paired across files). Ratios: flashinfer time / TCA time (TTFT, decode ms/token) and TCA /
+flashinfer throughput (batched decode, bench_serving), so above 1 means TCA is faster. Targets are the speed issue's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COMMAND = ("source .gpu/env.sh && DEADLINE_S=1500 bash bench/gpu_detached.sh start bash bench/gpu_llama8b.sh "
+           "bench/speed_bench.py engine serving; then bash bench/gpu_detached.sh wait, at once after each return, until "
+           "it reports the end (carry .gpu .tok .client)")
+LABEL = {1024: "1K", 4096: "4K", 16384: "16K", 32768: "32K", 130048: "127K"}
+TARGETS = {                                          # (what, key) -> the issue's lower bound on the ratio
+    ("ttft", 1024): 0.95, ("ttft", 4096): 0.95, ("ttft", 32768): 1.5, ("ttft", 130048): 3.0,
+    ("decode", 1024): 0.95, ("decode", 4096): 0.95, ("decode", 32768): 1.1, ("decode", 130048): 1.4,
+    ("batched", "32x4096"): 0.95, ("batched", "16x32768"): 1.3, ("serving", "output_throughput"): 1.3,
+}
+
+
+def _pairs(run_files):
+    recs, sources = {}, []
+    for f in run_files:
+        sources.append(str(f.relative_to(ROOT)) if f.is_absolute() and ROOT in f.parents else str(f))
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if "error" not in r:
+                recs[(r["part"], r["backend"])] = {**r, "_source": sources[-1]}
+    pairs = {}
+    for part in ("engine", "serving"):
+        t, d = recs.get((part, "tca")), recs.get((part, "flashinfer"))
+        if t and d and t["_source"] == d["_source"]:
+            pairs[part] = (t, d)
+    return pairs, sources
+
+
+def _target(what, key, ratio):
+    want = TARGETS.get((what, key))
+    return None if want is None else {"target": want, "met": ratio >= want}
+
+
+def report(run_files: list[Path], out_dir: Path = RESULTS) -> dict:
+    pairs, sources = _pairs(run_files)
+    if "engine" not in pairs:
+        raise SystemExit("error: the runs hold no engine part for both tca and flashinfer in one file")
+    t, d = pairs["engine"]
+    out = {"device": t["device"], "date": t["date"], "sources": sources, "command": COMMAND,
+           "model": "Llama-3.1-8B shape (bench/llama31_8b), dummy weights, bf16",
+           "budgets": "bench/synthetic_budgets.py: (layer l, KV head h) keeps KS[(l + h) % 8] of each block's 64 "
+                      "tokens, KS = (8, 16, 32, 16, 8, 32, 16, 32), mean kept share of compressed blocks 0.3125",
+           "mem_fraction_static": t["mem_fraction_static"], "contexts": {}, "batched": {}, "serving": None}
+    for n, ct in t["contexts"].items():
+        cd = d["contexts"].get(n)
+        if cd is None:
+            continue
+        ttft_ratio, decode_ratio = cd["ttft_s"] / ct["ttft_s"], cd["decode_ms"] / ct["decode_ms"]
+        out["contexts"][n] = {
+            "kept": t.get("kept", {}).get(n), "ttft_s": {"tca": ct["ttft_s"], "flashinfer": cd["ttft_s"]},
+            "decode_ms": {"tca": ct["decode_ms"], "flashinfer": cd["decode_ms"]},
+            "ttft_ratio": round(ttft_ratio, 3), "decode_ratio": round(decode_ratio, 3),
+            "ttft_target": _target("ttft", int(n), ttft_ratio), "decode_target": _target("decode", int(n), decode_ratio)}
+    for k, bt in t["batched"].items():
+        bd = d["batched"].get(k)
+        if bd is None:
+            continue
+        ratio = bt["decode_tok_s"] / bd["decode_tok_s"]
+        out["batched"][k] = {"decode_tok_s": {"tca": bt["decode_tok_s"], "flashinfer": bd["decode_tok_s"]},
+                             "ratio": round(ratio, 3), "target": _target("batched", k, ratio)}
+    if "serving" in pairs:
+        st, sd = pairs["serving"]
+        ratio = st["output_throughput"] / sd["output_throughput"]
+        out["serving"] = {"source": st["_source"], "command": st.get("command"),
+                          **{k: {"tca": st.get(k), "flashinfer": sd.get(k)} for k in
+                             ("output_throughput", "request_throughput", "median_ttft_ms", "median_tpot_ms",
+                              "duration")},
+                          "ratio": round(ratio, 3), "target": _target("serving", "output_throughput", ratio)}
+    out["targets_met"] = sorted(f"{w} {k}" for (w, k), _ in TARGETS.items() if _met(out, w, k))
+    out["targets_missed"] = sorted(f"{w} {k}" for (w, k), _ in TARGETS.items() if _met(out, w, k) is False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "speed.json").write_text(json.dumps(out, indent=1) + "\n")
+    (out_dir / "speed.md").write_text(_markdown(out))
+    _plot(out, out_dir / "speed.png")
+    print((out_dir / "speed.md").read_text())
+    return out
+
+
+def _met(out, what, key):
+    """True / False for a measured target, None when it was not measured."""
+    if what in ("ttft", "decode"):
+        row = out["contexts"].get(str(key))
+        tg = row and row[f"{what}_target"]
+    elif what == "batched":
+        tg = out["batched"].get(key, {}).get("target")
+    else:
+        tg = out["serving"] and out["serving"]["target"]
+    return None if not tg else tg["met"]
+
+
+def _mark(tg):
+    return "" if not tg else f" ({'met' if tg['met'] else 'missed'}: >= {tg['target']})"
+
+
+def _markdown(o: dict) -> str:
+    rows = "".join(
+        f"| {LABEL.get(int(n), n)} | {r['kept'] if r['kept'] is not None else ''} | {r['ttft_s']['tca']:.3f} | "
+        f"{r['ttft_s']['flashinfer']:.3f} | **{r['ttft_ratio']:.2f}**{_mark(r['ttft_target'])} | "
+        f"{r['decode_ms']['tca']:.2f} | {r['decode_ms']['flashinfer']:.2f} | "
+        f"**{r['decode_ratio']:.2f}**{_mark(r['decode_target'])} |\n"
+        for n, r in sorted(o["contexts"].items(), key=lambda x: int(x[0])))
+    batched = "".join(f"| {k.replace('x', ' x ')} | {b['decode_tok_s']['tca']:.0f} | {b['decode_tok_s']['flashinfer']:.0f} | "
+                      f"**{b['ratio']:.2f}**{_mark(b['target'])} |\n" for k, b in o["batched"].items())
+    s = o["serving"]
+    serving = "not run (no run file holds it for both backends)" if s is None else (
+        f"output tokens/s TCA {s['output_throughput']['tca']:.0f} vs flashinfer "
+        f"{s['output_throughput']['flashinfer']:.0f}: **{s['ratio']:.2f}**{_mark(s['target'])}; median TTFT "
+        f"{s['median_ttft_ms']['tca']:.0f} vs {s['median_ttft_ms']['flashinfer']:.0f} ms, median TPOT "
+        f"{s['median_tpot_ms']['tca']:.1f} vs {s['median_tpot_ms']['flashinfer']:.1f} ms. Client: `{s['command']}`")
+    return f"""# Speed: TCA (freed KV) vs dense SGLang (flashinfer)
+
+{o['device']}, {o['date']}, sglang 0.5.17, torch 2.11.0+cu130; both backends in one GPU job on one machine, the same
+flags and `--mem-fraction-static {o['mem_fraction_static']}`, decode CUDA graphs on, prefill CUDA graph off.
+{o['model']}. Budgets: {o['budgets']}. Command: `{o['command']}`. Raw records:
+{', '.join(f'`{x}`' for x in o['sources'])}; `speed.json` and `speed.png` beside this. Ratio = flashinfer / TCA time
+(above 1: TCA faster); the speed issue's target in brackets.
+
+bs 1, `Engine.async_generate` streamed, median of 3 (TTFT: to the first token; decode: first to last of 128 tokens):
+
+| context | KV kept (TCA) | TTFT TCA (s) | TTFT flashinfer (s) | TTFT ratio | decode TCA (ms/token) | decode flashinfer (ms/token) | decode ratio |
+|---|---|---|---|---|---|---|---|
+{rows}
+Batched decode (tokens/s while every request of the batch decodes):
+
+| batch | TCA | flashinfer | TCA / flashinfer |
+|---|---|---|---|
+{batched}
+End to end, SGLang's `bench_serving` random-ids 32K in / 512 out, concurrency 8, against `launch.py`: {serving}
+
+Targets met: {', '.join(o['targets_met']) or 'none'}. Missed: {', '.join(o['targets_missed']) or 'none'}.
+"""
+
+
+def _plot(o: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(int(n) for n in o["contexts"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for what, color in (("ttft", "tab:blue"), ("decode", "tab:orange")):
+        ax.plot(ns, [o["contexts"][str(n)][f"{what}_ratio"] for n in ns], "o-", color=color,
+                label=f"{'TTFT' if what == 'ttft' else 'decode bs 1'}: flashinfer / TCA")
+        tn = [n for n in ns if (what, n) in TARGETS]
+        ax.plot(tn, [TARGETS[(what, n)] for n in tn], "_", color=color, markersize=18, markeredgewidth=2,
+                label=f"{'TTFT' if what == 'ttft' else 'decode'} target")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [LABEL.get(n, str(n)) for n in ns])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("speed ratio (above 1: TCA faster)")
+    ax.set_title(f"TCA vs flashinfer, Llama-3.1-8B shape, {o['device']}, {o['date']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
