@@ -12,12 +12,15 @@ SmolLM2-135M-Instruct, against dense and baseline policies at the same KV budget
                  (the runs of bench/results/eval_smollm2.md are in bench/results/eval_runs_smollm2/, xz-compressed)
                  scores with 95% confidence intervals, fidelity to dense, multi-turn, TTFT -> eval_smollm2.md, PNGs
 
-Policies (`plan`): dense (SGLang's triton backend); TCA with the eps sweep of bench/eval_budgets.py, with and without
-the question-aware end of prompt (--tca-observe 32); at the two largest KV budgets whose expected kept share at 8K is
-<= 0.35: uniform budgets of the same mean (with and without observe), random tokens at TCA's per-block counts, and
-StreamingLLM (sink + window) with the window that keeps the same share at 8K; StreamingLLM at eps 0.05's share; w 512.
-The report adds paired differences (same prompts) of each observe run against dense and its baselines, and of
-each TCA run without observe against uniform and random at its eps.
+Policies (`plan`, on the server's freed KV memory): dense (SGLang's triton backend); TCA with the eps sweep of
+bench/eval_budgets.py; at the two largest KV budgets whose expected kept share at 8K is <= 0.35: uniform budgets of
+the same mean, random tokens at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps
+the same share at 8K; StreamingLLM at eps 0.05's share; w 512. The question-aware end of prompt (--tca-observe) is
+not planned: the server refuses it on freed memory (docs/ALGORITHM.md); the committed runs made before the memory
+was freed include it, and the report still reads them.
+The report adds paired differences (same prompts) of each TCA run against dense, the StreamingLLM run made from its
+budgets file, and uniform and random at its eps; of each observe run against dense, StreamingLLM, TCA without observe
+and uniform with observe.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ FIDELITY_TOKENS = 256        # teacher-forced positions scored at the end of eac
 CONTINUATION = 64            # greedy tokens compared with dense
 TARGET_KEPT = 0.35           # the issue's KV budget at 8K
 SWEEP = (0.02, 0.05, 0.07, 0.1, 0.2, 0.3)
-OBSERVE = 32                 # observation queries of the question-aware runs (--tca-observe)
+OBSERVE = 32                 # observation queries of the committed question-aware runs (--tca-observe)
 MT_TURNS = 4
 MT_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
             "I will quiz you about the numbers afterwards.")
@@ -128,8 +131,8 @@ def load_items(path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     """The policy runs, most important first (a call that runs out of time still has the main comparison). Peers
-    run at the two largest TCA budgets whose expected kept share at 8K is <= TARGET_KEPT; StreamingLLM also at the
-    share of the largest budget measured with observe (eps 0.05)."""
+    run at the two largest TCA budgets whose expected kept share at 8K is <= TARGET_KEPT; StreamingLLM also at eps
+    0.05's share (the shipped default)."""
     from sglang_tca.budgets import Budgets
 
     tca = {e: budgets_dir / f"tca_w1024_eps{e}.json" for e in sweep}
@@ -149,14 +152,11 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     runs = [{"name": "dense", "backend": "triton"}]
     for e in peers:
         runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e},
-                 {"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE},
                  streaming(e),
                  {"name": f"uniform eps={e}", **uniform(e)},
-                 {"name": f"uniform+obs{OBSERVE} eps={e}", **uniform(e, observe=OBSERVE)},
                  {"name": f"random eps={e}", "budgets": tca[e], "policy": "random", "eps": e}]
     rest = [e for e in sweep if e not in peers]
     runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e} for e in rest]
-    runs += [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE} for e in rest]
     if 0.05 in rest:
         runs.append(streaming(0.05))
     w512 = budgets_dir / f"tca_w512_eps{peers[-1]}.json"
@@ -388,21 +388,18 @@ def paired(a: dict, b: dict, length: int) -> tuple[float, float, int]:
 
 
 def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
-    """(run, baseline, difference) for each TCA run with observe against dense and against the baselines that
-    share its eps (uniform with observe, TCA without) or its KV share (StreamingLLM from the same budgets file), and
-    for each TCA run without observe against uniform and random at its eps (the calibration ablation)."""
+    """(run, baseline, difference) for each TCA run against dense, against StreamingLLM at its KV share (made from
+    the same budgets file) and against the peers at its eps: uniform and random without observe (the calibration
+    ablation); uniform with observe and TCA without for a run with observe."""
     out = []
     dense = next((n for n, s in summ.items() if s["spec"]["backend"] == "triton"), None)
     for name, s in summ.items():
         sp, kind = s["spec"], name.split()[0]
         if not kind.startswith("tca") or "w=" in name:
             continue
-        if kind == "tca":
-            peers, bases = ("uniform", "random"), []
-        else:
-            peers = ("uniform+obs%d" % sp["observe"], "tca")
-            bases = [dense] + [n for n, t in summ.items()
-                               if t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"]]
+        peers = ("uniform", "random") if kind == "tca" else ("uniform+obs%d" % sp["observe"], "tca")
+        bases = [dense] + [n for n, t in summ.items()
+                           if t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"]]
         bases += [n for n, t in summ.items() if n != name and sp.get("eps") is not None
                   and t["spec"].get("eps") == sp["eps"] and n.split()[0] in peers and "w=" not in n]
         out += [(name, b, paired(s, summ[b], length)) for b in bases if b is not None]

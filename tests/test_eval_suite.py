@@ -53,9 +53,9 @@ def test_report_scores_kept_fidelity_and_plot(samples, tmp_path):
 
 
 def test_paired_differences_match_runs_to_their_baselines(samples):
-    """Each observe run is compared, prompt by prompt, with dense, with TCA and uniform+observe at its eps, and
-    with the StreamingLLM run made from its budgets file; TCA without observe with uniform and random at its eps;
-    runs at another eps are not baselines."""
+    """Each TCA run is compared, prompt by prompt, with dense and the StreamingLLM run made from its budgets file, and
+    with its peers at its eps: uniform and random without observe; TCA and uniform+observe for an observe run; runs
+    at another eps are not baselines."""
     half = [s["index"] < 2 for s in samples]                         # right on 4 of the 6 prompts
     run = fake_run("tca+obs32 eps=0.1", "tca", samples, True, 0.3, budgets="b0.1", eps=0.1, observe=32)
     run["phases"]["ruler"] = [r if h else {**r, "output": "no idea"} for r, h in zip(run["phases"]["ruler"], half)]
@@ -70,8 +70,10 @@ def test_paired_differences_match_runs_to_their_baselines(samples):
     rows = {(a, b): d for a, b, d in eval_suite.paired_rows(eval_suite.summarize(runs), length=2048)}
     assert set(rows) == {("tca+obs32 eps=0.1", b) for b in ("dense", "tca eps=0.1", "uniform+obs32 eps=0.1",
                                                             "streaming w=1984")} | {
-        ("tca eps=0.1", "uniform eps=0.1"), ("tca eps=0.1", "random eps=0.1")}
+        ("tca eps=0.1", b) for b in ("dense", "streaming w=1984", "uniform eps=0.1", "random eps=0.1")} | {
+        ("tca eps=0.05", b) for b in ("dense", "streaming w=3200")}
     assert rows[("tca eps=0.1", "random eps=0.1")][0] == pytest.approx(-100)
     d = rows[("tca+obs32 eps=0.1", "dense")]
     assert d[0] == pytest.approx(-100 / 3) and d[2] == 6 and d[1] > 0
     assert rows[("tca+obs32 eps=0.1", "streaming w=1984")][0] == pytest.approx(200 / 3)
+    assert rows[("tca eps=0.1", "streaming w=1984")][0] == pytest.approx(0)
