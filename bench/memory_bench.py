@@ -28,8 +28,6 @@ Results: one JSON line per (part, backend) in DIR/memory_runs.jsonl, server logs
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import random
@@ -43,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from paired_runs import cli, run_parts  # noqa: E402
 from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
 
 TOK = ROOT / ".tok"
@@ -245,56 +244,23 @@ def part_bench(srv: Server, part: str, out: Path):
 
 
 def run(args):
-    """Every part in turn, TCA first; a part is skipped when less than its estimate is left before --deadline-s, and
-    the run stops at TCA's first failure (its numbers would have nothing to compare with)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import torch
+    def one(part, backend, i):
+        srv = Server(backend, Path(args.out), 30000 + i, SERVER_FLAGS[part], part)
+        try:
+            res = part_memory(srv, args.concurrent) if part == "memory" else part_bench(srv, part, Path(args.out))
+            return {"server_start_s": srv.start_s, **res}
+        finally:
+            srv.stop()
 
-    device, t_start = torch.cuda.get_device_name(), time.time()
-    for part in args.parts:
-        left, need = args.deadline_s - (time.time() - t_start), sum(ESTIMATE_S[part][b] for b in args.backends)
-        if left < need:
-            print(f"[memory] skipping {part}: {left:.0f}s left, needs ~{need}s", flush=True)
-            continue
-        for i, backend in enumerate(args.backends):
-            rec = {"part": part, "backend": backend, "device": device, "date": str(datetime.date.today()),
-                   "mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part]}
-            srv = None
-            try:
-                srv = Server(backend, out, 30000 + i, SERVER_FLAGS[part], part)
-                rec["server_start_s"] = srv.start_s
-                rec.update(part_memory(srv, args.concurrent) if part == "memory" else part_bench(srv, part, out))
-            except Exception as e:  # noqa: BLE001 - recorded, and TCA's failure ends the run
-                rec["error"] = f"{type(e).__name__}: {e}"[-4000:]
-            finally:
-                if srv is not None:
-                    srv.stop()
-            with open(out / "memory_runs.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, dict)})[:3000], flush=True)
-            if "error" in rec and backend == "tca":
-                sys.exit(f"[memory] TCA failed in part {part}; stopping")
+    run_parts("memory", args, ESTIMATE_S, one,
+              lambda part, backend: {"mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part]})
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--parts", nargs="+", choices=list(SERVER_FLAGS), required=True)
-    r.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that would not end before this")
-    r.add_argument("--backends", nargs="+", default=["tca", "flashinfer"])
-    r.add_argument("--concurrent", type=int, default=17)
-    r.add_argument("--out", default=os.environ.get("OUT", "/tmp/memory"))
-    rep = sub.add_parser("report")
-    rep.add_argument("--runs", nargs="+", required=True)
-    args = ap.parse_args()
-    if args.cmd == "run":
-        run(args)
-    else:
-        from memory_report import report
+    from memory_report import report
 
-        report([Path(p) for p in args.runs])
+    cli(__doc__, "memory", list(SERVER_FLAGS), run, report, required_parts=True,
+        extra=lambda r: r.add_argument("--concurrent", type=int, default=17))
 
 
 if __name__ == "__main__":

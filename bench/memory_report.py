@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from paired_runs import ROOT, load_runs, paired
+
 RESULTS = ROOT / "bench" / "results"
 COMMAND = ("source .gpu/env.sh && bash bench/gpu_llama8b.sh bench/memory_bench.py PART...   (carry .gpu .tok .client; "
            "runs `python bench/memory_bench.py run --parts PART...`; jobs longer than one call through "
@@ -22,9 +23,9 @@ BENCH_KEYS = ("request_throughput", "output_throughput", "median_tpot_ms", "mean
 
 
 def _pair(recs, part, key):
-    got = {b: recs.get((part, b), {}).get(key) for b in ("tca", "flashinfer")}
-    same_run = recs.get((part, "tca"), {}).get("_source") == recs.get((part, "flashinfer"), {}).get("_source")
-    return got if same_run and all(v is not None for v in got.values()) else None
+    both = paired(recs, part)
+    got = None if both is None else {"tca": both[0].get(key), "flashinfer": both[1].get(key)}
+    return got if got and all(v is not None for v in got.values()) else None
 
 
 def _bench_part(recs, part):
@@ -39,13 +40,7 @@ def _bench_part(recs, part):
 
 
 def report(run_files: list[Path], out_dir: Path = RESULTS) -> dict:
-    recs, sources = {}, []
-    for f in run_files:
-        sources.append(str(f.relative_to(ROOT)) if f.is_absolute() and ROOT in f.parents else str(f))
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if "error" not in r:
-                recs[(r["part"], r["backend"])] = {**r, "_source": sources[-1]}
+    recs, sources = load_runs(run_files)
     mem_t, mem_d = recs.get(("memory", "tca")), recs.get(("memory", "flashinfer"))
     if not (mem_t and mem_d):
         raise SystemExit("error: the runs hold no memory part for both tca and flashinfer")

@@ -21,10 +21,6 @@ means TCA is faster). Results: one JSON line per (part, backend) in DIR/speed_ru
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import random
 import statistics
 import sys
@@ -33,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from paired_runs import cli, run_parts  # noqa: E402
 from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
 
 CONTEXTS = (1024, 4096, 16384, 32768, 130048)     # 130048 + the generated tokens fit the 131072 context
@@ -127,52 +124,22 @@ def part_serving(backend: str, out: Path, port: int) -> dict:
 
 
 def run(args):
-    """Every part in turn, TCA first; a part is skipped when less than its estimate is left before --deadline-s, and
-    the run stops at TCA's first failure (its numbers would have nothing to compare with)."""
-    import torch
+    budgets = synthetic_budgets(Path(args.out) / "budgets.json")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    budgets = synthetic_budgets(out / "budgets.json")
-    device, t_start = torch.cuda.get_device_name(), time.time()
-    for part in args.parts:
-        left, need = args.deadline_s - (time.time() - t_start), sum(ESTIMATE_S[part][b] for b in args.backends)
-        if left < need:
-            print(f"[speed] skipping {part}: {left:.0f}s left, needs ~{need}s", flush=True)
-            continue
-        for i, backend in enumerate(args.backends):
-            rec = {"part": part, "backend": backend, "device": device, "date": str(datetime.date.today()),
-                   "mem_fraction_static": MEM_FRACTION}
-            if part == "engine" and backend == "tca":
-                rec["kept"] = {str(n): round(budgets.expected_kept(n), 4) for n in CONTEXTS}
-            try:
-                rec.update(part_engine(backend, out) if part == "engine" else part_serving(backend, out, 30000 + i))
-            except Exception as e:  # noqa: BLE001 - recorded, and TCA's failure ends the run
-                rec["error"] = f"{type(e).__name__}: {e}"[-4000:]
-            with open(out / "speed_runs.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(json.dumps(rec)[:3000], flush=True)
-            if "error" in rec and backend == "tca":
-                sys.exit(f"[speed] TCA failed in part {part}; stopping")
+    def base(part, backend):
+        rec = {"mem_fraction_static": MEM_FRACTION}
+        if part == "engine" and backend == "tca":
+            rec["kept"] = {str(n): round(budgets.expected_kept(n), 4) for n in CONTEXTS}
+        return rec
+
+    run_parts("speed", args, ESTIMATE_S, lambda part, backend, i: part_engine(backend, Path(args.out))
+              if part == "engine" else part_serving(backend, Path(args.out), 30000 + i), base)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--parts", nargs="+", choices=list(ESTIMATE_S), default=list(ESTIMATE_S))
-    r.add_argument("--backends", nargs="+", default=["tca", "flashinfer"])
-    r.add_argument("--deadline-s", type=float, default=1e9, help="skip parts that would not end before this")
-    r.add_argument("--out", default=os.environ.get("OUT", "/tmp/speed"))
-    rep = sub.add_parser("report")
-    rep.add_argument("--runs", nargs="+", required=True)
-    args = ap.parse_args()
-    if args.cmd == "run":
-        run(args)
-    else:
-        from speed_report import report
+    from speed_report import report
 
-        report([Path(p) for p in args.runs])
+    cli(__doc__, "speed", list(ESTIMATE_S), run, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from paired_runs import ROOT, load_runs, paired
+
 RESULTS = ROOT / "bench" / "results"
 COMMAND = ("source .gpu/env.sh && DEADLINE_S=1500 bash bench/gpu_detached.sh start bash bench/gpu_llama8b.sh "
            "bench/speed_bench.py engine serving; then bash bench/gpu_detached.sh wait, at once after each return, until "
@@ -25,19 +26,8 @@ TARGETS = {                                          # (what, key) -> the issue'
 
 
 def _pairs(run_files):
-    recs, sources = {}, []
-    for f in run_files:
-        sources.append(str(f.relative_to(ROOT)) if f.is_absolute() and ROOT in f.parents else str(f))
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if "error" not in r:
-                recs[(r["part"], r["backend"])] = {**r, "_source": sources[-1]}
-    pairs = {}
-    for part in ("engine", "serving"):
-        t, d = recs.get((part, "tca")), recs.get((part, "flashinfer"))
-        if t and d and t["_source"] == d["_source"]:
-            pairs[part] = (t, d)
-    return pairs, sources
+    recs, sources = load_runs(run_files)
+    return {part: both for part in ("engine", "serving") if (both := paired(recs, part))}, sources
 
 
 def _target(what, key, ratio):
