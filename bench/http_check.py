@@ -12,8 +12,10 @@ server stays healthy. Prints a markdown table last and writes it under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +43,17 @@ def start(model, budgets, port, extra, log):
             pass
         time.sleep(1)
     raise RuntimeError("server did not become healthy in 300 s")
+
+
+def stop(proc) -> None:
+    """SIGTERM to the server's process group (`start` gives it its own), then SIGKILL to whatever of it is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def generate(url, text, n=24):

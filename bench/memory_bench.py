@@ -41,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from http_check import stop  # noqa: E402
 from paired_runs import cli, run_parts  # noqa: E402
 from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
 
@@ -133,13 +134,7 @@ class Server:
         return out
 
     def stop(self):
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(60)
-        except Exception:  # noqa: BLE001
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop(self.proc)
         self.log.close()
 
 

@@ -30,9 +30,9 @@ def _pair(recs, part, key):
 
 def _bench_part(recs, part):
     """The bench_serving figures of both backends, or None when the part lacks a pair from one run file."""
-    if _pair(recs, part, "request_throughput") is None:
+    if _pair(recs, part, "request_throughput") is None:           # both backends, one file, a throughput each
         return None
-    t, d = recs[(part, "tca")], recs[(part, "flashinfer")]
+    t, d = paired(recs, part)
     return {"device": t.get("device"), "date": t.get("date"), "source": t["_source"], "command": t.get("command"),
             "server_flags": t.get("server_flags"),
             **{k: {"tca": t.get(k), "flashinfer": d.get(k)} for k in BENCH_KEYS},

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -39,8 +38,6 @@ import os
 import random
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -51,7 +48,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from http_check import start  # noqa: E402
+from http_check import start, stop  # noqa: E402
 
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
@@ -850,17 +847,6 @@ def load_corpus(model: str) -> Corpus:
     context = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 8192)
     ids = tok(essay_split("heldout"), add_special_tokens=False).input_ids
     return make_corpus(ids, tok.decode, lambda s: tok(s, add_special_tokens=False).input_ids, context)
-
-
-def stop(proc) -> None:
-    """SIGTERM to the server's process group, then SIGKILL to whatever of it is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def cap_log(path: Path, limit: int = LOG_LIMIT) -> None:

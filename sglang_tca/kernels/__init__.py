@@ -8,8 +8,8 @@
 * `compaction.compact_blocks`: copies the kept rows of those blocks into the compressed store.
 * `kept_lists.kept_lists`: the kept-token lists a batch's queries read from the store.
 
-Only torch, triton and sglang_tca's reference algorithm are imported here (no sglang), so the kernels also run on a bare GPU box and on CPU under
-TRITON_INTERPRET=1 (fp32 / fp16 only there).
+Only torch, triton and sglang_tca's reference algorithm are imported here (no sglang), so the kernels also run on a
+bare GPU box and on CPU under TRITON_INTERPRET=1 (fp32 / fp16 only there).
 """
 from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention, tca_sparse_attention_ref
