@@ -6,6 +6,8 @@
 #   bash bench/gpu_detached.sh wait                  wait up to WAIT_S (default 560) for the job to end
 # Every call copies the job's files so far and its log into this call's $OUT and prints the log's tail; when the job
 # has ended, $OUT/rc holds its exit status. Issue the next `wait` at once: an idle machine goes back after 30 s.
+# Give every `wait` call the same carry as the `start` call: the device tool removes from the job's tree each ignored
+# path a call does not carry (a detached bench_serving lost .client/.tok that way, 2026-12-02).
 set -uo pipefail
 J=/tmp/detached
 case "${1:-}" in

@@ -99,7 +99,15 @@ NOTES = {
   (ad0cf47, same day: `decode_breakdown_h200.md`); not re-run on it.
   gsp: with `--max-total-tokens 163840` dense still holds the four 32K system prompts (its hit rate is 0.850 against
   TCA's 0.859), so this load is not memory-bound for dense; TCA's 1.19x comes from faster decode at 32K (28.3 vs 34.8
-  ms). A tighter cap (below the 131,072 tokens of the four prompts) is the load the issue's claim needs; not run.""",
+  ms). A tighter cap (below the 131,072 tokens of the four prompts) is the load the issue's claim needs: run the
+  same day on the kernel code, `h200_2026-12-02b.jsonl`.""",
+    "h200_2026-12-02b.jsonl": """Reading them. gsp re-run on commit c887e55 (the one-kernel block selection) at
+  `--max-total-tokens 98304`, below the 131,072 tokens of the four 32K system prompts: dense is memory-bound (its log:
+  at most 5 requests decoding at once, hit rate 0.474), TCA holds the prompts compressed (at most 8 decoding, hit rate
+  0.586, full token usage up to 0.99) and gains 1.66x in request throughput, over the 1.5x asked. Its median time per
+  output token is 51 ms against dense's 98 ms. The random part of this job did not run: the call that was waiting
+  for the detached job did not carry `.client` and `.tok`, so `bench_serving` could not import its dataset stubs
+  (the record's error); random stays at the earlier run's 1.27x, from before the kernel.""",
 }
 BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
                 "gsp": "generated-shared-prefix, 4 system prompts of 32K x 4 conversations, 3 turns of 1K question + "

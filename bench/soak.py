@@ -9,8 +9,13 @@ Server (`server_flags`): launch.py with the shipped budgets, chunked prefill 102
 chunks), --max-running-requests 32 and a KV budget of --max-total-tokens 100000 dense tokens, which TCA splits into
 a dense pool for 32 windows and a compressed store of about 76K tokens at the budgets' kept share: 40 clients with
 prompts up to 7.5K tokens overfill it, so the radix cache evicts and decoding requests are retracted. SGLang's
-memory invariant checks are strict while busy (SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY=1) and at idle (its
-default, set explicitly): a pool that does not add up raises in the scheduler, which takes the server down.
+memory invariant check is strict at idle (its default, set explicitly): a pool that does not add up raises in the
+scheduler, which takes the server down. Its busy check stays at its default, off: in SGLang 0.5.17 it counts the
+tokens of requests in the last and the running batch only, and under memory pressure a hybrid-SWA scheduler keeps
+its chunked request out of the batch (`PrefillAdder.add_chunked_req` returns it unscheduled when no tokens remain),
+so the partly filled last page that request holds reads as a leak (the first soak, 2026-12-02: 64 tokens in both
+pools, the server stopped 25 s in). A real leak outlives the busy period and is caught at idle, by SGLang's check
+and by the soak's own.
 
 Traffic: --concurrency clients send the requests of one fixed-seed schedule (`schedule`, kinds in ROUND): short and
 long prompts (20-200 / 3K-7.5K tokens of the held-out essays) on /generate and /v1/chat/completions, streamed or
@@ -52,7 +57,7 @@ from http_check import start, stop  # noqa: E402
 
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
-SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}      # not DURING_BUSY: see the docstring
 ROUND = {                      # kind: requests of that kind in each shuffled round of the schedule
     "short": 6,                # 20-200 prompt tokens on /generate
     "short_stream": 3,

@@ -233,8 +233,10 @@ def _serve(server_args, use_tca: bool) -> None:
         if use_tca:
             from sglang.srt.entrypoints.http_server import launch_server
 
+            from patches import http_server_app
             from sglang_tca.plugin import run_scheduler_process
 
+            http_server_app.install()                 # a non-object JSON body: 400, not SGLang's 500
             launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
         else:
             from sglang.launch_server import run_server

@@ -11,11 +11,12 @@ from memory_report import report  # noqa: E402
 
 RUNS = ROOT / "bench" / "results" / "memory_runs"
 RUN = RUNS / "h200_2026-12-01.jsonl"                 # the memory part
-BENCH_RUN = RUNS / "h200_2026-12-02.jsonl"           # both bench_serving parts
+BENCH_RUN = RUNS / "h200_2026-12-02.jsonl"           # both bench_serving parts (random is still from here)
+GSP_RUN = RUNS / "h200_2026-12-02b.jsonl"            # gsp at a cap where dense is memory-bound; random failed
 
 
 def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
-    got = report([RUN, BENCH_RUN], tmp_path)
+    got = report([RUN, BENCH_RUN, GSP_RUN], tmp_path)
     assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(
         (ROOT / "bench" / "results" / "memory.json").read_text())
     for key in ("device", "date", "kv_bytes_per_token_ratio_128k", "max_concurrent_128k", "memory_bound_req_s",
@@ -24,7 +25,9 @@ def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
     assert got["max_concurrent_128k"]["flashinfer"] == 845617 // (128 * 1024 - 256 + 64)
     assert got["memory_bound_req_s"] == {"tca": pytest.approx(0.9601, abs=1e-4),
                                          "flashinfer": pytest.approx(0.7531, abs=1e-4)}
-    assert got["cache_hit_rate_gsp"] == {"tca": 0.8585, "flashinfer": 0.8495}
+    assert got["agent_req_s"] == {"tca": pytest.approx(0.9846, abs=1e-4), "flashinfer": pytest.approx(0.5945, abs=1e-4)}
+    assert got["cache_hit_rate_gsp"] == {"tca": 0.5862, "flashinfer": 0.4735}
+    assert got["gsp_bench_serving"]["source"].endswith("h200_2026-12-02b.jsonl")
     assert (tmp_path / "memory.md").read_text() == (ROOT / "bench" / "results" / "memory.md").read_text()
 
 

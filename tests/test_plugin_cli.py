@@ -648,6 +648,8 @@ def test_cli_launches_with_tca_scheduler(sgl, model, capsys, monkeypatch):
     assert launched["sa"].page_size == 64 and launched["sa"].radix_cache_backend == "tca"  # added by launch.py
     assert launched["sa"].attention_backend == "tca"
     assert launched["run_scheduler_process_func"] is sgl.run_scheduler_process
+    from patches.http_server_app import JSONObjectBody
+    assert sum(m.cls is JSONObjectBody for m in http_server.app.user_middleware) == 1   # a non-object body: 400
     cfg = TCAConfig.from_env()
     assert cfg.window == 128 and cfg.budgets == str((model / "tca_budgets.json").resolve())
     assert cfg.policy == "streaming" and tca_config.load_runtime(str(model)).policy == "streaming"
