@@ -27,6 +27,7 @@ PATCH_MODULES = (
     "scheduler_process_batch_result",
     "scheduler_get_internal_state",
     "pool_stats_observer_get_swa_token_info",
+    "tp_worker_get_worker_info",
 )
 
 

@@ -106,6 +106,68 @@ def test_token_capacity_counts_open_blocks_and_next_forward():
     assert s.token_capacity(10 ** 6, 0) == 0                              # never negative
 
 
+def prefill_and_decode_alone(store, prompt, output, chunk):
+    """One sequence on an otherwise empty store, the way SGLang's scheduler feeds it: prompt chunks cut to what
+    `token_capacity` admits (PrefillAdder: tokens), then one token per decode step (check_decode_mem: a page when
+    the token starts one); every block keeps its worst case (the sink all of its rows, the others
+    `block_reserve_pages` full pages). Returns the tokens it got through before it stalled."""
+    p, done = store.plan, 0
+    worst = p.block_reserve_pages * p.page_rows
+    while done < prompt + output:
+        cap = store.token_capacity(-(-done // B), 1)
+        if done < prompt:
+            admit = min(chunk, prompt - done, cap)
+        else:
+            admit = 1 if done % B or cap >= B else 0
+        if admit <= 0:
+            return done
+        blocks = range(done // B, (done + admit) // B)                  # the blocks this forward completes
+        pending = run_forward(store, [k + 1 for k in blocks],
+                              [p.dims.rows_per_block * B if k == 0 else worst for k in blocks], [k == 0 for k in blocks])
+        store.settle(pending)
+        done += admit
+    return done
+
+
+@pytest.mark.parametrize("share,reserve,chunk", [(0.3, 2, 64), (0.5, 3, 16), (0.2, 4, 128)])
+def test_the_longest_sequence_fits_alone_at_its_worst_case(share, reserve, chunk):
+    mk = lambda: CompressedStore(MemoryPlan(DIMS, B, 32, 40 * B, 400, 4000 * B, max_pages_per_record=4,  # noqa: E731
+                                            block_reserve_pages=reserve, expected_share=share, decode_kept_rows=0,
+                                            reservation_rows=64, budget_bytes=0, page_rows=PAGE_ROWS),
+                                 "cpu", chunk_tokens=chunk)
+    s = mk()
+    longest = s.longest_sequence()
+    assert longest > 0 and longest % B == 0
+    assert prefill_and_decode_alone(s, longest - 40, 40, chunk) == longest      # never stalls, never exhausts
+    s.check()
+    twice = mk()
+    assert prefill_and_decode_alone(twice, 2 * longest, 0, chunk) < 2 * longest  # the bound is not vacuous
+    # streaming keeps nothing: only the logical ids bound a sequence
+    none = CompressedStore(MemoryPlan(DIMS, B, 32, 40 * B, 400, 4000 * B, 4, 0, 0.0, 0, 64, 0, PAGE_ROWS), "cpu",
+                           chunk_tokens=chunk)
+    assert none.longest_sequence() == 4000 * B
+
+
+def test_sglang_accepts_no_request_longer_than_the_store_holds_alone():
+    """patches/tp_worker_get_worker_info: max_req_len / max_req_input_len (get_worker_info's 5th and 6th fields) come
+    down to the store's longest sequence, never up; without TCA's store nothing changes."""
+    from types import SimpleNamespace
+
+    from patches.tp_worker_get_worker_info import hook
+
+    store = CompressedStore(plan(heap_pages=200), "cpu", chunk_tokens=64)
+    worker = SimpleNamespace(model_runner=SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(store=store)))
+    info = (1000, 8192, 32, None, 8191, 8186, 0, "cpu", None, 32, 8192, 1000)
+    longest = store.longest_sequence()
+    assert 0 < longest < 8192
+    got = hook(info, worker)
+    assert got[4] == longest - 1 and got[5] == longest - 6 and got[:4] == info[:4] and got[6:] == info[6:]
+    short = info[:4] + (100, 95) + info[6:]
+    assert hook(short, worker) == short                                          # already shorter: untouched
+    dense = SimpleNamespace(model_runner=SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace()))
+    assert hook(info, dense) == info
+
+
 def test_tensor_parallel_ranks_keep_identical_host_state():
     """Two ranks own different KV heads, so their records use different row counts; the max over ranks decides what
     both keep, so free lists, records and admission stay identical while each rank's rows fit its pages."""

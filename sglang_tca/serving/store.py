@@ -204,6 +204,18 @@ class CompressedStore:
             return self.plan.logical_tokens if spare >= 0 else 0
         return max(int(spare / nominal), 0) * self.block
 
+    def longest_sequence(self) -> int:
+        """The most tokens one sequence may reach so that the store holds it alone with every block at its worst case
+        (the sink whole, other blocks at `block_reserve_pages`) beside `token_capacity`'s hold-back for one running
+        request: a longer prompt could stall mid-prefill once its own blocks fill the store, with nothing left to
+        evict. SGLang refuses longer inputs (and clips max_new_tokens to it) through patches/tp_worker_get_worker_info."""
+        plan = self.plan
+        if plan.block_reserve_pages == 0:                  # blocks keep nothing (streaming): only the ids limit
+            return plan.logical_tokens
+        extra = max(plan.block_reserve_pages, plan.sink_pages) - plan.nominal_pages_per_block
+        pages = plan.heap_pages - 1 - plan.sink_pages - (1 + self.chunk_blocks) * max(extra, 0.0)
+        return 0 if pages < 0 else (1 + int(pages // plan.block_reserve_pages)) * self.block
+
     # -- checks -----------------------------------------------------------------------------------------------------
     def check(self, live_logical_pages: np.ndarray | None = None) -> None:
         """Raise AssertionError when pages are lost or doubly owned; with `live_logical_pages` (at idle: the pages the
