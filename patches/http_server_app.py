@@ -56,12 +56,12 @@ def _is_json(body: bytes) -> bool:
 
 
 async def _bad_request(scope, receive, send, got: str):
-    from fastapi.responses import ORJSONResponse
     from sglang.srt.entrypoints.openai.protocol import ErrorResponse
+    from starlette.responses import JSONResponse
 
     err = ErrorResponse(message=f"the request body must be a JSON object, not a JSON {got}",
                         type="Bad Request", code=400)
-    await ORJSONResponse(status_code=400, content=err.model_dump())(scope, receive, send)
+    await JSONResponse(status_code=400, content=err.model_dump())(scope, receive, send)
 
 
 def install(app=None) -> None:
