@@ -1,28 +1,33 @@
-"""sglang.srt.entrypoints.http_server.app (an ASGI middleware in front of SGLang's FastAPI app, not a HookRegistry
-hook): a POST to an OpenAI-compatible endpoint (/v1/...) whose body is JSON but not an object (a list, a string, a
-number) gets SGLang's own 400 error body instead of a 500 and a traceback in the server log. SGLang 0.5.17's request
-models call `values.get(...)` in their before-validators (e.g. ChatCompletionRequest.set_json_schema), which raises
-AttributeError on such a body; the routes hold those models from the moment http_server is imported, so the check
-has to sit in front of the app. Installed by sglang_tca.cli before it starts the HTTP server with TCA (the scheduler
-processes have no HTTP server, so this is not in PATCH_MODULES)."""
+"""sglang.srt.entrypoints.http_server.app (an ASGI middleware inside SGLang's FastAPI app, not a HookRegistry hook):
+a POST to /v1/chat/completions whose body is JSON but not an object (a list, a string, a number) gets SGLang's own
+400 error body instead of a 500 and a traceback in the server log: SGLang 0.5.17's ChatCompletionRequest calls
+`values.get(...)` in its before-validators (set_json_schema, ...), which raises AttributeError on such a body. (Its
+other endpoints answer such bodies with their own 400s, in their own error shapes, so they are left alone.) The routes
+hold the request model from the moment http_server is imported, so the check has to sit in front of the route; it
+goes innermost, after SGLang's CORS and decompression middleware, so the 400 carries CORS headers and the check sees
+the decompressed body. Installed by sglang_tca.cli before it starts the HTTP server with TCA (the scheduler
+processes have no HTTP server, so this is not in PATCH_MODULES; extra tokenizer workers, --tokenizer-worker-num > 1,
+load SGLang's app afresh and do not get it)."""
 from __future__ import annotations
 
-import json
+import orjson
 
 from patches import require_sglang
 
 TARGET = "sglang.srt.entrypoints.http_server.app"
+PATH = "/v1/chat/completions"
+JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class JSONObjectBody:
-    """Refuse, with 400, a /v1/ POST body that is valid JSON but not an object; pass everything else on untouched
-    (the body is replayed to the app, later receive() calls, e.g. disconnect checks, go to the client)."""
+    """Refuse, with 400, a chat-completions body that is valid JSON but not an object; pass everything else on
+    untouched (the body is replayed to the app; later receive() calls, e.g. disconnect checks, go to the client)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
@@ -32,9 +37,10 @@ class JSONObjectBody:
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         body = b"".join(chunks)
-        head = body.lstrip()[:1]
-        if head and head != b"{" and _is_json(body):      # only a non-object body pays for a second parse
-            return await _bad_request(scope, receive, send, type(json.loads(body)).__name__)
+        if body.lstrip()[:1] != b"{":                      # an object body (the usual one) is not parsed twice
+            parsed = _parse(body)
+            if parsed is not None and not isinstance(parsed[0], dict):
+                return await _bad_request(scope, receive, send, JSON_TYPES.get(type(parsed[0]), "value"))
         replayed = False
 
         async def replay():
@@ -47,12 +53,12 @@ class JSONObjectBody:
         await self.app(scope, replay, send)
 
 
-def _is_json(body: bytes) -> bool:
+def _parse(body: bytes) -> tuple | None:
+    """(the JSON value,) of `body` as SGLang parses it (orjson: no byte-order mark), or None when it is no JSON."""
     try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
+        return (orjson.loads(body),)
+    except orjson.JSONDecodeError:
+        return None
 
 
 async def _bad_request(scope, receive, send, got: str):
@@ -69,5 +75,7 @@ def install(app=None) -> None:
     require_sglang(target=TARGET)
     if app is None:
         from sglang.srt.entrypoints.http_server import app
+    from starlette.middleware import Middleware
+
     if not any(m.cls is JSONObjectBody for m in app.user_middleware):
-        app.add_middleware(JSONObjectBody)
+        app.user_middleware.append(Middleware(JSONObjectBody))     # last = innermost (add_middleware: outermost)

@@ -1,8 +1,10 @@
 """TpModelWorker.get_worker_info (AFTER): with TCA, the longest request SGLang accepts (its max_req_len and
-max_req_input_len, which the tokenizer manager checks before a request is queued) is also bounded by what the
-compressed store holds for one sequence at its worst case (`CompressedStore.longest_sequence`). SGLang bounds it by
-its logical ids, of which TCA has more than the store can back; a longer prompt could stall mid-prefill, holding the
-whole store, instead of getting SGLang's one-line "Input length ... exceeds the maximum allowed length" error."""
+max_req_input_len: the scheduler refuses longer inputs in validate_input_length, or truncates them with
+--allow-auto-truncate, and clips max_new_tokens to max_req_len) is also bounded by what the compressed store admits
+and holds for one sequence at its worst case (`CompressedStore.longest_sequence`). SGLang bounds it by its logical
+ids, of which TCA has more than the store can back; a longer prompt could wait unadmitted at the head of the queue,
+or stall mid-prefill holding the whole store, instead of getting SGLang's "Input length ... exceeds the maximum
+allowed length" error."""
 import logging
 
 from sglang.srt.plugins.hook_registry import HookType

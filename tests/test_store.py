@@ -110,8 +110,12 @@ def prefill_and_decode_alone(store, prompt, output, chunk):
     """One sequence on an otherwise empty store, the way SGLang's scheduler feeds it: prompt chunks cut to what
     `token_capacity` admits (PrefillAdder: tokens), then one token per decode step (check_decode_mem: a page when
     the token starts one); every block keeps its worst case (the sink all of its rows, the others
-    `block_reserve_pages` full pages). Returns the tokens it got through before it stalled."""
+    `block_reserve_pages` full pages). A request is admitted first only when its input, its clipped max_new_tokens
+    and a page are below what is free (PrefillAdder.add_one_req). Returns the tokens it got through before it stalled
+    (0: never admitted)."""
     p, done = store.plan, 0
+    if prompt + min(output, 4096) + B >= store.token_capacity(0, 0):
+        return 0
     worst = p.block_reserve_pages * p.page_rows
     while done < prompt + output:
         cap = store.token_capacity(-(-done // B), 1)
@@ -129,7 +133,8 @@ def prefill_and_decode_alone(store, prompt, output, chunk):
     return done
 
 
-@pytest.mark.parametrize("share,reserve,chunk", [(0.3, 2, 64), (0.5, 3, 16), (0.2, 4, 128)])
+@pytest.mark.parametrize("share,reserve,chunk", [(0.3, 2, 64), (0.5, 3, 16), (0.2, 4, 128), (0.25, 1, 64),
+                                                 (0.45, 2, 32)])
 def test_the_longest_sequence_fits_alone_at_its_worst_case(share, reserve, chunk):
     mk = lambda: CompressedStore(MemoryPlan(DIMS, B, 32, 40 * B, 400, 4000 * B, max_pages_per_record=4,  # noqa: E731
                                             block_reserve_pages=reserve, expected_share=share, decode_kept_rows=0,
@@ -138,8 +143,10 @@ def test_the_longest_sequence_fits_alone_at_its_worst_case(share, reserve, chunk
     s = mk()
     longest = s.longest_sequence()
     assert longest > 0 and longest % B == 0
-    assert prefill_and_decode_alone(s, longest - 40, 40, chunk) == longest      # never stalls, never exhausts
+    reach = longest - 2          # SGLang: max_req_len = longest - 1, max_new_tokens clipped to max_req_len - input - 1
+    assert prefill_and_decode_alone(s, reach - 40, 40, chunk) == reach          # never stalls, never exhausts
     s.check()
+    assert prefill_and_decode_alone(mk(), reach, 0, chunk) == reach
     twice = mk()
     assert prefill_and_decode_alone(twice, 2 * longest, 0, chunk) < 2 * longest  # the bound is not vacuous
     # streaming keeps nothing: only the logical ids bound a sequence
@@ -245,3 +252,17 @@ def test_block_reserve_from_reachable_counts():
     assert block_reserve_pages(dims, 64, None) == 2 * 2 * 64 // 64
     assert block_reserve_pages(dims, 64, [[8, 16], [1, 64]]) == math.ceil(89 / 64)
     assert block_reserve_pages(dims, 64, [[0, 0], [0, 0]]) == 0
+
+
+def test_a_store_that_holds_no_request_is_refused_at_start():
+    from types import SimpleNamespace
+
+    from sglang_tca.serving import memory
+
+    conf = SimpleNamespace(device="cpu", server_args=SimpleNamespace(chunked_prefill_size=64))
+    memory.remember_plan(conf, plan(heap_pages=30))                       # 29 pages: a few dozen tokens at most
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, tp_size=1, tp_rank=0), \
+            pytest.raises(SizingError, match="holds no request of 256 tokens"):
+        memory.build_allocator(conf, None, None)

@@ -80,6 +80,9 @@ def build_pool(configurator):
     return TCAKVPool(_PLANS[id(configurator)], dtype=configurator.kv_cache_dtype, device=configurator.device)
 
 
+MIN_REQUEST_TOKENS = 256  # the shortest longest-request a TCA server starts with (CompressedStore.longest_sequence)
+
+
 def build_allocator(configurator, pool, req_to_token_pool):
     from sglang_tca.serving.allocator import TCATokenToKVPoolAllocator
     from sglang_tca.serving.store import CompressedStore
@@ -88,6 +91,10 @@ def build_allocator(configurator, pool, req_to_token_pool):
     set_scheduler_env()                  # this scheduler process serves TCA: SGLang's SWA switches for its frees
     store = CompressedStore(plan, configurator.device, chunk_tokens=int(configurator.server_args.chunked_prefill_size),
                             reduce_max=tp_reduce_max())
+    if store.longest_sequence() < MIN_REQUEST_TOKENS:
+        raise SizingError(f"the compressed store ({plan.heap_pages} pages) holds no request of {MIN_REQUEST_TOKENS} "
+                          f"tokens when its blocks keep their largest counts; raise --mem-fraction-static or "
+                          f"--max-total-tokens, or lower --chunked-prefill-size")
     return TCATokenToKVPoolAllocator(plan, pool, store, req_to_token_pool, dtype=configurator.kv_cache_dtype,
                                      device=configurator.device)
 

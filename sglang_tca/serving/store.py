@@ -205,16 +205,21 @@ class CompressedStore:
         return max(int(spare / nominal), 0) * self.block
 
     def longest_sequence(self) -> int:
-        """The most tokens one sequence may reach so that the store holds it alone with every block at its worst case
-        (the sink whole, other blocks at `block_reserve_pages`) beside `token_capacity`'s hold-back for one running
-        request: a longer prompt could stall mid-prefill once its own blocks fill the store, with nothing left to
-        evict. SGLang refuses longer inputs (and clips max_new_tokens to it) through patches/tp_worker_get_worker_info."""
+        """The most tokens one sequence may reach so that SGLang admits it on an idle server and the store then holds
+        it alone with every block at its worst case. Two bounds: (1) the sink whole, every other block at the larger
+        of `block_reserve_pages` and the nominal pages `token_capacity` charges it, beside `token_capacity`'s
+        hold-back for one running request (else a prompt could stall mid-prefill once its own blocks fill the store,
+        with nothing left to evict); (2) below `token_capacity` of the idle store by a page (SGLang's PrefillAdder
+        admits a request only when its input, its clipped max_new_tokens and a page are below what is free). SGLang
+        refuses longer inputs and clips max_new_tokens to it through patches/tp_worker_get_worker_info."""
         plan = self.plan
-        if plan.block_reserve_pages == 0:                  # blocks keep nothing (streaming): only the ids limit
+        nominal = plan.nominal_pages_per_block
+        if nominal == 0:                                   # blocks keep nothing (streaming): only the ids limit
             return plan.logical_tokens
-        extra = max(plan.block_reserve_pages, plan.sink_pages) - plan.nominal_pages_per_block
+        extra = max(plan.block_reserve_pages, plan.sink_pages) - nominal
         pages = plan.heap_pages - 1 - plan.sink_pages - (1 + self.chunk_blocks) * max(extra, 0.0)
-        return 0 if pages < 0 else (1 + int(pages // plan.block_reserve_pages)) * self.block
+        worst = 0 if pages < 0 else (1 + int(pages // max(plan.block_reserve_pages, nominal))) * self.block
+        return max(min(worst, self.token_capacity(0, 0) - self.block), 0)
 
     # -- checks -----------------------------------------------------------------------------------------------------
     def check(self, live_logical_pages: np.ndarray | None = None) -> None:
