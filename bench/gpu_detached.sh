@@ -2,20 +2,23 @@
 # Run a device-machine job longer than one call's 10 minutes: the job runs in its own process session (which the
 # device tool leaves running after a call returns, until the machine goes back: 30 s idle, 30 min held), and each
 # call waits for it a while and brings back what it has written so far.
-#   bash bench/gpu_detached.sh start CMD [ARG ...]   start CMD (its $OUT is /tmp/detached/out), then wait as below
+#   bash bench/gpu_detached.sh start CMD [ARG ...]   start CMD in a copy of the tree (its $OUT is $J/out), then wait
 #   bash bench/gpu_detached.sh wait                  wait up to WAIT_S (default 560) for the job to end
 # Every call copies the job's files so far and its log into this call's $OUT and prints the log's tail; when the job
 # has ended, $OUT/rc holds its exit status. Issue the next `wait` at once: an idle machine goes back after 30 s.
-# Give every `wait` call the same carry as the `start` call: the device tool removes from the job's tree each ignored
-# path a call does not carry (a detached bench_serving lost .client/.tok that way, 2026-12-02).
+# The job runs in a copy of the tree as it was at `start` ($J/tree, .git left out): each device call re-syncs the
+# working tree and removes the ignored paths it does not carry, which once took .client/.tok from under a running
+# bench_serving (2026-12-02); a `wait` call needs no carry.
 set -uo pipefail
-J=/tmp/detached
+J="${DETACHED_DIR:-/tmp/detached}"
 case "${1:-}" in
   start)
     shift
     [ $# -gt 0 ] || { echo "usage: $0 start CMD [ARG ...]" >&2; exit 2; }
     [ ! -e "$J/pid" ] || { echo "a job was already started on this machine ($J)" >&2; exit 2; }
-    mkdir -p "$J/out"
+    mkdir -p "$J/out" "$J/tree"
+    tar --exclude=./.git -cf - . | tar -xf - -C "$J/tree"
+    cd "$J/tree" || exit 2
     OUT="$J/out" setsid bash -c '"$@" > '"$J"'/log 2>&1; echo $? > '"$J"'/rc' job "$@" < /dev/null &
     echo $! > "$J/pid" ;;
   wait) [ -e "$J/pid" ] || { echo "no job was started on this machine (it was given back?)" >&2; exit 2; } ;;

@@ -1,0 +1,35 @@
+"""bench/gpu_detached.sh: a detached job runs in a copy of the tree taken at `start`, so a later call that removes
+ignored paths (as the device tool does with paths it does not carry) cannot take them from under it; `wait` brings
+back the job's files, its log and its exit status."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tree, out, env, *args):
+    return subprocess.run(["bash", str(tree / "bench" / "gpu_detached.sh"), *args], cwd=tree, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env, "OUT": str(out)})
+
+
+def test_a_detached_job_keeps_the_tree_it_started_with(tmp_path):
+    tree = tmp_path / "repo"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_detached.sh", tree / "bench")
+    (tree / ".client").mkdir()
+    (tree / ".client" / "stub.py").write_text("carried\n")
+    env = {"DETACHED_DIR": str(tmp_path / "job"), "WAIT_S": "0"}
+    first = tmp_path / "out1"
+    first.mkdir()
+    r = run(tree, first, env, "start", "bash", "-c", 'sleep 2; cat .client/stub.py > "$OUT/seen"; exit 3')
+    assert r.returncode == 0 and "still running" in r.stdout, r.stderr
+    shutil.rmtree(tree / ".client")                     # the next call did not carry it
+    assert run(tree, first, env, "start", "true").returncode == 2          # one job per machine
+    second = tmp_path / "out2"
+    second.mkdir()
+    r = run(tree, second, {**env, "WAIT_S": "30"}, "wait")
+    assert "job ended, rc 3" in r.stdout, r.stdout + r.stderr
+    assert (second / "seen").read_text() == "carried\n" and (second / "rc").read_text().strip() == "3"
+    assert (second / "job.log").exists()
