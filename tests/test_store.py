@@ -146,6 +146,7 @@ def test_the_longest_sequence_fits_alone_at_its_worst_case(share, reserve, chunk
     reach = longest - 2          # SGLang: max_req_len = longest - 1, max_new_tokens clipped to max_req_len - input - 1
     assert prefill_and_decode_alone(s, reach - 40, 40, chunk) == reach          # never stalls, never exhausts
     s.check()
+    assert s.longest_sequence() == longest                                       # a property of the plan, not the state
     assert prefill_and_decode_alone(mk(), reach, 0, chunk) == reach
     twice = mk()
     assert prefill_and_decode_alone(twice, 2 * longest, 0, chunk) < 2 * longest  # the bound is not vacuous

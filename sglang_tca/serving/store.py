@@ -195,11 +195,13 @@ class CompressedStore:
         """Logical tokens the scheduler may still admit: free pages, minus the expected pages of blocks already
         allocated but not yet completed, minus the worst case (above the expected share) of every block the next
         forwards may complete (one per running request, plus a prefill chunk's), at the expected share."""
+        return self._capacity(len(self.free), max(logical_pages_in_use - self.n_records, 0), request_rows_in_use)
+
+    def _capacity(self, free_pages: int, open_blocks: int, request_rows_in_use: int) -> int:
         nominal = self.plan.nominal_pages_per_block
-        open_blocks = max(logical_pages_in_use - self.n_records, 0)
         extra = max(self.plan.block_reserve_pages, self.plan.sink_pages) - nominal
         held = open_blocks * nominal + (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
-        spare = len(self.free) - held
+        spare = free_pages - held
         if nominal == 0:                           # blocks keep nothing (streaming): only the ids limit
             return self.plan.logical_tokens if spare >= 0 else 0
         return max(int(spare / nominal), 0) * self.block
@@ -209,7 +211,7 @@ class CompressedStore:
         it alone with every block at its worst case. Two bounds: (1) the sink whole, every other block at the larger
         of `block_reserve_pages` and the nominal pages `token_capacity` charges it, beside `token_capacity`'s
         hold-back for one running request (else a prompt could stall mid-prefill once its own blocks fill the store,
-        with nothing left to evict); (2) below `token_capacity` of the idle store by a page (SGLang's PrefillAdder
+        with nothing left to evict); (2) below `token_capacity` of the empty store by a page (SGLang's PrefillAdder
         admits a request only when its input, its clipped max_new_tokens and a page are below what is free). SGLang
         refuses longer inputs and clips max_new_tokens to it through patches/tp_worker_get_worker_info."""
         plan = self.plan
@@ -219,7 +221,7 @@ class CompressedStore:
         extra = max(plan.block_reserve_pages, plan.sink_pages) - nominal
         pages = plan.heap_pages - 1 - plan.sink_pages - (1 + self.chunk_blocks) * max(extra, 0.0)
         worst = 0 if pages < 0 else (1 + int(pages // max(plan.block_reserve_pages, nominal))) * self.block
-        return max(min(worst, self.token_capacity(0, 0) - self.block), 0)
+        return max(min(worst, self._capacity(plan.heap_pages - 1, 0, 0) - self.block), 0)     # of the empty store
 
     # -- checks -----------------------------------------------------------------------------------------------------
     def check(self, live_logical_pages: np.ndarray | None = None) -> None:
