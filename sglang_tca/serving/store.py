@@ -199,12 +199,17 @@ class CompressedStore:
 
     def _capacity(self, free_pages: int, open_blocks: int, request_rows_in_use: int) -> int:
         nominal = self.plan.nominal_pages_per_block
-        extra = max(self.plan.block_reserve_pages, self.plan.sink_pages) - nominal
-        held = open_blocks * nominal + (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
-        spare = free_pages - held
+        spare = free_pages - open_blocks * nominal - self._hold_back(request_rows_in_use)
         if nominal == 0:                           # blocks keep nothing (streaming): only the ids limit
             return self.plan.logical_tokens if spare >= 0 else 0
         return max(int(spare / nominal), 0) * self.block
+
+    def _hold_back(self, request_rows_in_use: int) -> float:
+        """Pages held back for what the next forwards' completing blocks may take above the nominal share: one block
+        per running request plus a prefill chunk's, each at its worst case (the sink's or `block_reserve_pages`)."""
+        p = self.plan
+        extra = max(p.block_reserve_pages, p.sink_pages) - p.nominal_pages_per_block
+        return (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
 
     def longest_sequence(self) -> int:
         """The most tokens one sequence may reach so that SGLang admits it on an idle server and the store then holds
@@ -218,8 +223,7 @@ class CompressedStore:
         nominal = plan.nominal_pages_per_block
         if nominal == 0:                                   # blocks keep nothing (streaming): only the ids limit
             return plan.logical_tokens
-        extra = max(plan.block_reserve_pages, plan.sink_pages) - nominal
-        pages = plan.heap_pages - 1 - plan.sink_pages - (1 + self.chunk_blocks) * max(extra, 0.0)
+        pages = plan.heap_pages - 1 - plan.sink_pages - self._hold_back(1)
         worst = 0 if pages < 0 else (1 + int(pages // max(plan.block_reserve_pages, nominal))) * self.block
         return max(min(worst, self._capacity(plan.heap_pages - 1, 0, 0) - self.block), 0)     # of the empty store
 
