@@ -358,6 +358,30 @@ def test_radix_reuse_of_a_compressed_prefix_equals_a_fresh_computation(harness):
     h.check()
 
 
+def test_a_short_request_reusing_a_cached_prefix_reads_it_at_its_dense_slots(harness):
+    """A request no longer than window + block runs SGLang's dense kernels; when it reuses a cached prefix, the
+    prefix's K/V must be read at the dense slots its logical ids map to (once an earlier long request has used
+    logical ids, the two differ: reading at the logical ids gave wrong output here, and on an H200 an illegal
+    memory access that stopped the server, 2026-12-02)."""
+    h = harness()
+    x = h.new_request(ids(39, 200))                                      # moves logical ids away from dense slots
+    for n in (64, 64, 72):
+        assert h.extend([x], [n]) < 1e-4
+    h.finish(x)
+    a = h.new_request(ids(40, 24))
+    assert h.extend([a], [24]) < 1e-4
+    h.finish(a)
+    b = h.new_request(ids(40, 16) + ids(41, 16))
+    assert b.kv_committed_len == 16 and 32 <= W + B                      # a cached prefix, a dense batch
+    logical = h.r2t_pool.req_to_token[b.req_pool_idx, :16].long()
+    assert not torch.equal(h.alloc.full_to_swa_index_mapping[logical], logical)
+    assert h.extend([b], [16]) < 1e-4
+    for t in range(3):
+        assert h.decode([b], [t + 1]) < 1e-4
+    h.finish(b)
+    h.check()
+
+
 def test_retract_while_the_forward_is_in_flight_leaks_nothing(harness):
     """SGLang may retract (free) a request right after launching its forward, before the result is processed:
     the records of that forward are settled as dead and every page comes back."""

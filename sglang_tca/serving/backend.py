@@ -14,7 +14,7 @@ Per layer, in extend (prefill chunks) and decode alike:
   4. attention: each query sees the sink and the kept tokens of blocks that left its window, read from the store
      (`kernels.kept_lists` -> `kernels.sparse_attention`), and its dense window, read from the dense pool.
      Extend batches whose sequences all fit in SGLang's SWA window (window + block: nothing was freed, nothing is
-     compressed) run SGLang's dense Triton kernels unchanged (identical results by construction).
+     compressed) run SGLang's dense Triton kernels, with a cached prefix's logical ids translated to dense slots.
 After the forward (`finish_forward`, from the TP worker patch) the rows each new record used are copied to the host;
 SGLang's result processing then settles the reservations (`patches/scheduler_process_batch_result.py`).
 Decode shapes are static, so decode CUDA graphs capture all of it.
@@ -162,6 +162,9 @@ class TCAAttnBackend(TritonAttnBackend):
         self._dense = self._max_len <= self.dense_window
         if self._dense:
             super().init_forward_metadata(fb)
+            # SGLang's kernels read a cached prefix at its logical ids; its K/V is at the dense slots they map to
+            # (every token of a sequence this short is dense: radix matches need the window before them dense)
+            self.forward_metadata.kv_indices = self.l2d[self.forward_metadata.kv_indices]
             return
         self._dense_loc = self.l2d[fb.out_cache_loc]
         ext, seq = list(fb.extend_seq_lens_cpu), fb.seq_lens_cpu.tolist()
