@@ -10,7 +10,9 @@ idle (the default), so a leak or an accounting error in the pools stops the run.
 2. calibrated budgets: passkey retrieval at 4K and 8K tokens, dense vs TCA;
 3. radix reuse: one document, two questions sent one after the other, then a conversation's next turn (the first
    turn's whole sequence + a new question): tokens equal to a run with the radix cache disabled, and the cached-token
-   counts show the hits;
+   counts show the hits; then two short prompts (below window + block, so SGLang's dense kernels run them) on a
+   shared 300-token prefix, one after the other: the second reuses the cached prefix; keep-all == dense triton and
+   radix on == off on them too;
 4. memory: TCA's split and the store's use after the runs (`/get_server_info` -> internal_states -> tca).
 Prints a markdown table last and writes it (and the raw outputs) under --out.
 """
@@ -74,6 +76,7 @@ def main():
     doc = hay[20000:26000]
     questions = [tok("\n\nQuestion: What is the main topic of the text above? Answer:", add_special_tokens=False).input_ids,
                  tok("\n\nQuestion: Summarize the last paragraph in one sentence. Answer:", add_special_tokens=False).input_ids]
+    short_prefix, short_tails = hay[30000:30300], [hay[31000:31100], hay[32000:32150]]
     rows, raw = [], {}
 
     def timed(name, fn):
@@ -99,6 +102,9 @@ def main():
             turn1 = doc + questions[0] + seq[0][0]                 # the next turn of the first conversation
             ids, cached = generate(eng, [turn1 + questions[1]])
             seq.append((ids[0], cached[0], len(turn1)))
+            for tail in short_tails:                              # the second reads the first's cached prefix
+                ids, cached = generate(eng, [short_prefix + tail])
+                seq.append((ids[0], cached[0]))
             res["radix"] = seq
             if backend == "tca":
                 res["memory"] = eng.get_server_info()["internal_states"][0]["tca"]
@@ -121,8 +127,12 @@ def main():
         for tag, res in (("dense", dense), ("TCA calibrated", cal)):
             hits = sum(str(k) in t for k, t in zip(keys, res["passkey"][L]))
             rows.append((f"passkey {L} tokens, {tag}", f"{hits}/{len(keys)}"))
-    rows.append(("radix on vs off: same tokens (2 questions on one document, then the next turn)",
+    rows.append(("radix on vs off: same tokens (2 questions on one document, the next turn, 2 short prompts)",
                  str([a[0] for a in cal["radix"]] == [a[0] for a in nor["radix"]])))
+    rows.append(("short prompts on a cached prefix: keep-all TCA == dense triton",
+                 str([a[0] for a in keep["radix"][3:]] == [a[0] for a in dense["radix"][3:]])))
+    rows.append(("short prompts: second one's cached tokens (radix on / off)",
+                 f"{cal['radix'][4][1]} / {nor['radix'][4][1]}"))
     rows.append(("second question cached tokens (radix on / off)", f"{cal['radix'][1][1]} / {nor['radix'][1][1]}"))
     rows.append(("next turn cached tokens (radix on / off; previous sequence length)",
                  f"{cal['radix'][2][1]} / {nor['radix'][2][1]} ({cal['radix'][2][2]})"))
