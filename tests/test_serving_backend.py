@@ -368,6 +368,10 @@ def test_a_short_request_reusing_a_cached_prefix_reads_it_at_its_dense_slots(har
     for n in (64, 64, 72):
         assert h.extend([x], [n]) < 1e-4
     h.finish(x)
+    short = h.new_request(ids(39, 200)[:24] + ids(42, 8))                # x's first blocks were compressed:
+    assert short.kv_committed_len == 0                                   # a short request does not match them
+    assert h.extend([short], [32]) < 1e-4
+    h.finish(short, insert=False)
     a = h.new_request(ids(40, 24))
     assert h.extend([a], [24]) < 1e-4
     h.finish(a)
