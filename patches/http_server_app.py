@@ -7,7 +7,7 @@ hold the request model from the moment http_server is imported, so the check has
 goes innermost, after SGLang's CORS and decompression middleware, so the 400 carries CORS headers and the check sees
 the decompressed body. Installed by sglang_tca.cli before it starts the HTTP server with TCA (the scheduler
 processes have no HTTP server, so this is not in PATCH_MODULES; extra tokenizer workers, --tokenizer-worker-num > 1,
-load SGLang's app afresh and do not get it)."""
+would load SGLang's app afresh without it, so TCA refuses that flag)."""
 from __future__ import annotations
 
 import orjson

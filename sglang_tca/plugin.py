@@ -148,6 +148,9 @@ def validate_server_args(sa, runtime=None) -> None:
     bad(bool(g("enable_single_batch_overlap")), "--enable-single-batch-overlap", "single-batch overlap")
     bad(bool(g("enable_torch_compile")), "--enable-torch-compile", "torch.compile of the model")
     bad(bool(g("enable_mixed_chunk")), "--enable-mixed-chunk", "decode requests mixed into prefill batches")
+    workers = g("tokenizer_worker_num", 1) or 1
+    bad(workers > 1, f"--tokenizer-worker-num {workers}",
+        "several tokenizer workers are not GPU-checked with TCA, and their HTTP apps lack TCA's request-body check")
     chunk = g("chunked_prefill_size")
     bad(chunk is not None and chunk <= 0, f"--chunked-prefill-size {chunk}",
         "chunked prefill off (set by the flag, or by SGLang for this model); TCA is GPU-checked with chunking on")
