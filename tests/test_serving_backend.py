@@ -386,6 +386,42 @@ def test_a_short_request_reusing_a_cached_prefix_reads_it_at_its_dense_slots(har
     h.check()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_traffic_matches_the_reference(harness, seed):
+    """Seeded random traffic the way SGLang's scheduler drives it: short and long prompts, prompts that share a
+    prefix of earlier ones (radix hits on dense and on compressed blocks), mixed prefill batches in chunks of several
+    sizes, decode, finish with and without caching. Every forward's output equals the reference on the request's own
+    sequence, and the pools' invariants hold after every step."""
+    import random
+
+    rnd = random.Random(seed)
+    h = harness()
+    docs = [ids(100 + i, n) for i, n in enumerate((24, 40, 96, 200))]
+    running, errs, hits = [], [], []
+    for step in range(14):
+        if len(running) < 3:
+            base = rnd.choice(docs)
+            r = h.new_request(base[:rnd.randint(8, len(base))] + ids(1000 + step, rnd.choice((4, 12, 30, 70))))
+            running.append(r)
+            hits.append((r.kv_committed_len, len(r.origin_input_ids)))
+        prefill = [r for r in running if r.kv_committed_len < len(r.origin_input_ids)]
+        if prefill:
+            errs.append(h.extend(prefill, [min(len(r.origin_input_ids) - r.kv_committed_len, rnd.choice((16, 40, 64)))
+                                           for r in prefill]))
+        ready = [r for r in running if r.kv_committed_len >= len(r.origin_input_ids)]
+        for _ in range(rnd.randint(1, 3) if ready else 0):
+            errs.append(h.decode(ready, [rnd.randrange(VOCAB) for _ in ready], graph=rnd.random() < 0.5))
+        h.check(running=running)
+        for r in ready:
+            if rnd.random() < 0.4:
+                h.finish(r, insert=rnd.random() < 0.8)
+                running.remove(r)
+        h.check(running=running)
+    assert max(errs) < 1e-4, errs
+    assert any(0 < m and n <= W + B for m, n in hits), hits          # a short request reused a cached prefix
+    assert any(m > W + B for m, n in hits), hits                     # a long one reused compressed blocks
+
+
 def test_retract_while_the_forward_is_in_flight_leaks_nothing(harness):
     """SGLang may retract (free) a request right after launching its forward, before the result is processed:
     the records of that forward are settled as dead and every page comes back."""
