@@ -386,40 +386,89 @@ def test_a_short_request_reusing_a_cached_prefix_reads_it_at_its_dense_slots(har
     h.check()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_traffic_matches_the_reference(harness, seed):
+def random_traffic(h, seed, steps=14, max_running=3):
     """Seeded random traffic the way SGLang's scheduler drives it: short and long prompts, prompts that share a
     prefix of earlier ones (radix hits on dense and on compressed blocks), mixed prefill batches in chunks of several
-    sizes, decode, finish with and without caching. Every forward's output equals the reference on the request's own
-    sequence, and the pools' invariants hold after every step."""
+    sizes, decode (eager and graph metadata), finish with and without caching. A prefill waits while the pools (after
+    eviction) cannot take it, as SGLang's admission does; a decode that cannot get memory retracts the newest request.
+    Checks every forward against the reference and the pools' invariants after every step; returns (prefix matched,
+    prompt length) of every request, and how often the radix cache had to evict for logical ids / store pages and
+    for dense slots, and how many requests were retracted."""
     import random
 
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
     rnd = random.Random(seed)
-    h = harness()
     docs = [ids(100 + i, n) for i, n in enumerate((24, 40, 96, 200))]
     running, errs, hits = [], [], []
-    for step in range(14):
-        if len(running) < 3:
-            base = rnd.choice(docs)
-            r = h.new_request(base[:rnd.randint(8, len(base))] + ids(1000 + step, rnd.choice((4, 12, 30, 70))))
+    pressure = {"evict_full": 0, "evict_dense": 0, "retracted": 0}
+    evict = h.tree.evict
+
+    def counted_evict(params):
+        pressure["evict_full"] += params.num_tokens > 0
+        pressure["evict_dense"] += params.swa_num_tokens > 0
+        return evict(params)
+
+    h.tree.evict = counted_evict
+
+    def fits(tokens):
+        evict_from_tree_cache(h.tree, tokens)
+        return tokens <= min(h.alloc.full_available_size(), h.alloc.swa_available_size())
+
+    for step in range(steps):
+        if len(running) < max_running:
+            if step % 2 == 0:                            # short: part of the 24-token document, a short tail
+                prompt = docs[0][:rnd.randint(8, 24)] + ids(1000 + step, rnd.choice((4, 12)))
+            else:
+                base = rnd.choice(docs[1:])
+                prompt = base[:rnd.randint(8, len(base))] + ids(1000 + step, rnd.choice((4, 12, 30, 70)))
+            r = h.new_request(prompt)
             running.append(r)
             hits.append((r.kv_committed_len, len(r.origin_input_ids)))
         prefill = [r for r in running if r.kv_committed_len < len(r.origin_input_ids)]
-        if prefill:
-            errs.append(h.extend(prefill, [min(len(r.origin_input_ids) - r.kv_committed_len, rnd.choice((16, 40, 64)))
-                                           for r in prefill]))
-        ready = [r for r in running if r.kv_committed_len >= len(r.origin_input_ids)]
-        for _ in range(rnd.randint(1, 3) if ready else 0):
-            errs.append(h.decode(ready, [rnd.randrange(VOCAB) for _ in ready], graph=rnd.random() < 0.5))
+        n_new = [min(len(r.origin_input_ids) - r.kv_committed_len, rnd.choice((16, 40, 64))) for r in prefill]
+        if prefill and fits(sum(n_new) + len(prefill) * B):
+            errs.append(h.extend(prefill, n_new))
+        for _ in range(rnd.randint(1, 3)):
+            ready = [r for r in running if r.kv_committed_len >= len(r.origin_input_ids)]
+            while ready and not fits(len(ready) * B):
+                victim = ready.pop()                                     # SGLang retracts to make room
+                h.finish(victim, insert=False)
+                running.remove(victim)
+                pressure["retracted"] += 1
+            if ready:
+                errs.append(h.decode(ready, [rnd.randrange(VOCAB) for _ in ready], graph=rnd.random() < 0.5))
         h.check(running=running)
-        for r in ready:
+        for r in [r for r in running if r.kv_committed_len >= len(r.origin_input_ids)]:
             if rnd.random() < 0.4:
                 h.finish(r, insert=rnd.random() < 0.8)
                 running.remove(r)
         h.check(running=running)
+    for r in running:
+        h.finish(r)
+    h.check()
     assert max(errs) < 1e-4, errs
+    return hits, pressure
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_traffic_matches_the_reference(harness, seed):
+    hits, _ = random_traffic(harness(), seed)
     assert any(0 < m and n <= W + B for m, n in hits), hits          # a short request reused a cached prefix
     assert any(m > W + B for m, n in hits), hits                     # a long one reused compressed blocks
+
+
+@pytest.mark.parametrize("memory", [dict(budget_tokens=2000), dict(dense_tokens=512), dict(radix=False)],
+                         ids=["store-pressure", "dense-pressure", "radix-off"])
+def test_random_traffic_under_memory_pressure_and_without_radix(harness, memory):
+    """The same traffic with a small store (cached records evicted), a small dense pool (cached windows
+    tombstoned, matches truncated), and with the radix cache off."""
+    h = harness(**memory)
+    _, pressure = random_traffic(h, 2, steps=20, max_running=4)
+    if "budget_tokens" in memory:
+        assert pressure["evict_full"] > 0, pressure
+    if "dense_tokens" in memory:
+        assert pressure["evict_dense"] > 0, pressure
 
 
 def test_retract_while_the_forward_is_in_flight_leaks_nothing(harness):
