@@ -92,6 +92,20 @@ def _met(out, what, key):
     return None if not tg else tg["met"]
 
 
+# What a run's figures mean, by run file (interpretation, written when the run is committed)
+NOTES = {
+    "h200_2026-12-02.jsonl": """Reading them (code: commit 42ae013, freed KV memory and the one-kernel selection).
+  At 1K TCA keeps everything (no block has left the window), so the gap there is TCA's fixed cost: its dense prefill
+  path runs SGLang's Triton extend kernel, not FlashInfer's, and each decode step runs four to five dependent small
+  launches per layer (selection, compaction, three for the kept lists, attention) where FlashInfer runs one
+  (`decode_breakdown_h200.md`). From 4K to 16K TCA's sparse prefill kernel is slower than FlashInfer's dense one
+  until the dropped share pays for it; the crossover lies between 16K and 32K. Against the speed issue's starting
+  table (H200, SGLang's own pool, the torch selection) decode moved from 0.58 to 0.92 at 1K, 0.64 to 0.95 at 32K and
+  0.79 to 1.13 at 127K; TTFT from 0.29 to 0.80 at 1K, but from 2.28 down to 1.95 at 127K (not separated here: this
+  run's prompt is 130,048 tokens against 126K there, and prefill now also compacts every block into the store).""",
+}
+
+
 def _mark(tg):
     return "" if not tg else f" ({'met' if tg['met'] else 'missed'}: >= {tg['target']})"
 
@@ -111,6 +125,7 @@ def _markdown(o: dict) -> str:
         f"{s['output_throughput']['flashinfer']:.0f}: **{s['ratio']:.2f}**{_mark(s['target'])}; median TTFT "
         f"{s['median_ttft_ms']['tca']:.0f} vs {s['median_ttft_ms']['flashinfer']:.0f} ms, median TPOT "
         f"{s['median_tpot_ms']['tca']:.1f} vs {s['median_tpot_ms']['flashinfer']:.1f} ms. Client: `{s['command']}`")
+    notes = "".join(f"\n- {NOTES[Path(x).name]}\n" for x in o["sources"] if Path(x).name in NOTES)
     return f"""# Speed: TCA (freed KV) vs dense SGLang (flashinfer)
 
 {o['device']}, {o['date']}, sglang 0.5.17, torch 2.11.0+cu130; both backends in one GPU job on one machine, the same
@@ -132,7 +147,7 @@ Batched decode (tokens/s while every request of the batch decodes):
 End to end, SGLang's `bench_serving` random-ids 32K in / 512 out, concurrency 8, against `launch.py`: {serving}
 
 Targets met: {', '.join(o['targets_met']) or 'none'}. Missed: {', '.join(o['targets_missed']) or 'none'}.
-"""
+{notes}"""
 
 
 def _plot(o: dict, path: Path) -> None:
