@@ -9,6 +9,10 @@
 # The job runs in a copy of the tree as it was at `start` ($J/tree, .git left out): each device call re-syncs the
 # working tree and removes the ignored paths it does not carry, which once took .client/.tok from under a running
 # bench_serving (2026-12-02); a `wait` call needs no carry.
+# A second job on the same machine (DETACHED_DIR=/tmp/detached2, its own $OUT subfolder) shares the GPU: SGLang sizes
+# its pools from the memory free when it starts, so two jobs' --mem-fraction-static must leave each other room (the
+# soak's server, 0.4, did not start beside the quality suite's Engine, 0.6, on 2026-12-02), and timings taken while
+# the other job runs are not measurements. Each answer's next `wait` must come within the 30 s idle release.
 set -uo pipefail
 J="${DETACHED_DIR:-/tmp/detached}"
 case "${1:-}" in

@@ -170,6 +170,15 @@ def test_sglang_accepts_no_request_longer_than_the_store_holds_alone():
     assert 0 < longest < 8192
     got = hook(info, worker)
     assert got[4] == longest - 1 and got[5] == longest - 6 and got[:4] == info[:4] and got[6:] == info[6:]
+    # the failure path of a request the store cannot hold: SGLang's own input check refuses it with one message (the
+    # tokenizer manager answers it as an error) while the scheduler goes on; one token shorter passes
+    from sglang.srt.managers.utils import validate_input_length
+
+    def prompt(n):
+        return SimpleNamespace(origin_input_ids=list(range(n)))
+    assert validate_input_length(prompt(got[5] - 1), got[5], allow_auto_truncate=False) is None
+    refused = validate_input_length(prompt(got[5]), got[5], allow_auto_truncate=False)
+    assert "exceeds the maximum allowed length" in refused
     short = info[:4] + (100, 95) + info[6:]
     assert hook(short, worker) == short                                          # already shorter: untouched
     dense = SimpleNamespace(model_runner=SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace()))
