@@ -183,6 +183,8 @@ def validate_server_args(sa, runtime=None) -> None:
     bad(bool(g("enable_hisparse")), "--enable-hisparse", "hierarchical sparse attention")
     bad(bool(g("enable_lmcache")), "--enable-lmcache", "external KV offload")
     bad(bool(g("enable_flexkv")), "--enable-flexkv", "external KV offload")
+    bad(bool(g("enable_memory_saver")), "--enable-memory-saver",
+        "releasing and resuming GPU memory is not GPU-checked with TCA, whose store tables describe the KV it frees")
     if problems:
         raise TCAConfigError("--attention-backend tca does not support: " + "; ".join(problems)
                              + ". Remove these flags, or serve without TCA (--no-tca / another --attention-backend).")
