@@ -582,6 +582,7 @@ def test_launch_py_subprocess_one_line_error(model, tmp_path):
     (["--no-tca", "--attention-backend", "tca"], "--no-tca contradicts"),
     (["--enable-pdmux"], "--enable-pdmux (PD multiplexing"),
     (["--pp-size", "2"], "--pp-size 2 (pipeline parallelism)"),
+    (["--enable-two-batch-overlap"], "--enable-two-batch-overlap (two-batch overlap)"),
     (["--enable-single-batch-overlap"], "--enable-single-batch-overlap"),
     (["--enable-torch-compile"], "--enable-torch-compile"),
     (["--tokenizer-worker-num", "4"], "--tokenizer-worker-num 4 (several tokenizer workers"),
