@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
@@ -46,17 +45,17 @@ class TCAKVPool(BaseSWAKVPool):
 
     full_kv_pool = None
 
-    def __init__(self, plan: MemoryPlan, *, dtype: torch.dtype, device: str, enable_memory_saver: bool = False):
+    def __init__(self, plan: MemoryPlan, *, dtype: torch.dtype, device: str):
         d = plan.dims
         if d.head_dim != d.v_head_dim:
             raise ValueError("TCA's arena needs head_dim == v_head_dim")
-        super().__init__(plan.logical_tokens, plan.block, dtype, d.layers, device, enable_memory_saver)
+        # no memory saver: the server refuses --enable-memory-saver with TCA (sglang_tca.plugin)
+        super().__init__(plan.logical_tokens, plan.block, dtype, d.layers, device, False)
         self.plan = plan
         self.size_swa = plan.dense_tokens
         self.head_num, self.head_dim, self.v_head_dim = d.kv_heads, d.head_dim, d.v_head_dim
-        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.arena_k = torch.zeros(plan.arena_rows, d.head_dim, dtype=dtype, device=device)
-            self.arena_v = torch.zeros(plan.arena_rows, d.v_head_dim, dtype=dtype, device=device)
+        self.arena_k = torch.zeros(plan.arena_rows, d.head_dim, dtype=dtype, device=device)
+        self.arena_v = torch.zeros(plan.arena_rows, d.v_head_dim, dtype=dtype, device=device)
         self.swa_kv_pool = DensePool(plan, self.arena_k, self.arena_v, page_size=plan.block, dtype=dtype,
                                      head_num=d.kv_heads, head_dim=d.head_dim, v_head_dim=d.v_head_dim,
                                      layer_num=d.layers, device=device, enable_memory_saver=False,
