@@ -146,6 +146,13 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
         w = int((b.expected_kept(8192) * 8192 - b.block) // b.block * b.block)
         return {"name": f"streaming w={w}", "budgets": tca[e], "policy": "streaming", "window": w}
 
+    def wide(e, peer):                 # TCA at eps e with the widest window that keeps at most `peer`'s share at 8K
+        b, s = Budgets.load(tca[e]), peer["window"]
+        cap = kept_at(b, 8192, s, rho=0.0)
+        w = max((w for w in range(b.window, s + 1, b.block) if kept_at(b, 8192, w) <= cap), default=None)
+        return None if w is None or w == b.window else {
+            "name": f"tca w={w} eps={e}", "budgets": tca[e], "eps": e, "window": w, "streaming_peer": peer["name"]}
+
     def uniform(e, **kw):
         return {"budgets": budgets_dir / f"uniform_w1024_eps{e}.json", "eps": e, **kw}
 
@@ -155,6 +162,10 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
                  streaming(e),
                  {"name": f"uniform eps={e}", **uniform(e)},
                  {"name": f"random eps={e}", "budgets": tca[e], "policy": "random", "eps": e}]
+    # the window as a knob at the peers' shares: a wider dense window with fewer kept tokens per compressed block
+    for e, peer in [(0.2, streaming(peers[0])), (0.1, streaming(peers[0])), (0.2, streaming(peers[-1]))]:
+        if e in tca and (r := wide(e, peer)) is not None:
+            runs.append(r)
     rest = [e for e in sweep if e not in peers]
     runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e} for e in rest]
     if 0.05 in rest:
@@ -166,6 +177,15 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
         r.setdefault("backend", "tca")
         r["budgets"] = str(r["budgets"]) if "budgets" in r else None
     return runs
+
+
+def kept_at(budgets, n: int, window: int, rho: float | None = None) -> float:
+    """`Budgets.expected_kept(n)` with another dense window (and optionally another mean kept share rho)."""
+    from sglang_tca.params import dense_start
+
+    comp = dense_start(n, budgets.block, window) - budgets.block
+    rho = float(budgets.rho.mean()) if rho is None else rho
+    return (n - comp + rho * comp) / n
 
 
 class Stats:
@@ -286,20 +306,28 @@ def multiturn(gen, tok, docs, conversation: bool, stats: Stats) -> list[dict]:
     return rows
 
 
+def select_runs(runs: list[dict], only: list[str] | None) -> list[dict]:
+    """The plan's runs named by --only, in that order (all of them without it); a name not in the plan is an error."""
+    if not only:
+        return runs
+    unknown = [n for n in only if n not in {r["name"] for r in runs}]
+    if unknown:
+        raise SystemExit(f"error: --only names no run of the plan: {unknown}; the plan: {[r['name'] for r in runs]}")
+    return [next(r for r in runs if r["name"] == n) for n in dict.fromkeys(only)]
+
+
 def run(args) -> None:
     import sglang
     import torch
     from transformers import AutoTokenizer
 
+    runs = select_runs(plan(Path(args.budgets_dir)), args.only)
     out = Path(args.out) / "runs"
     out.mkdir(parents=True, exist_ok=True)
     cache = Path("/tmp/eval_runs")
     cache.mkdir(exist_ok=True)
     items = load_items(args.prompts)
     tok = AutoTokenizer.from_pretrained(args.model)
-    runs = plan(Path(args.budgets_dir))
-    if args.only:
-        runs = [r for r in runs if r["name"] in args.only]
     t_start = time.time()
     device = torch.cuda.get_device_name()
     for spec in runs:
@@ -390,11 +418,15 @@ def paired(a: dict, b: dict, length: int) -> tuple[float, float, int]:
 def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
     """(run, baseline, difference) for each TCA run against dense, against StreamingLLM at its KV share (made from
     the same budgets file) and against the peers at its eps: uniform and random without observe (the calibration
-    ablation); uniform with observe and TCA without for a run with observe."""
+    ablation); uniform with observe and TCA without for a run with observe. A run with a widened window (spec
+    "streaming_peer") against dense and the StreamingLLM run whose share it matches."""
     out = []
     dense = next((n for n, s in summ.items() if s["spec"]["backend"] == "triton"), None)
     for name, s in summ.items():
         sp, kind = s["spec"], name.split()[0]
+        if kind.startswith("tca") and sp.get("streaming_peer"):
+            out += [(name, b, paired(s, summ[b], length)) for b in (dense, sp["streaming_peer"]) if b in summ]
+            continue
         if not kind.startswith("tca") or "w=" in name:
             continue
         peers = ("uniform", "random") if kind == "tca" else ("uniform+obs%d" % sp["observe"], "tca")
@@ -544,7 +576,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42)
     r = sub.add_parser("run")
     r.add_argument("--prompts", default=str(PROMPTS))
-    r.add_argument("--only", nargs="+", help="run names to run (default: the whole plan)")
+    r.add_argument("--only", nargs="+", help="run names to run, in this order (default: the whole plan)")
     r.add_argument("--deadline", type=float, default=480, help="start no new run after this many seconds")
     g = sub.add_parser("report")
     g.add_argument("--runs", nargs="+", required=True, help="folders with run results (*.json)")

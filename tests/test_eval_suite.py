@@ -77,3 +77,39 @@ def test_paired_differences_match_runs_to_their_baselines(samples):
     assert d[0] == pytest.approx(-100 / 3) and d[2] == 6 and d[1] > 0
     assert rows[("tca+obs32 eps=0.1", "streaming w=1984")][0] == pytest.approx(200 / 3)
     assert rows[("tca eps=0.1", "streaming w=1984")][0] == pytest.approx(0)
+
+
+def test_plan_widens_the_window_to_the_streaming_peers_share():
+    """The wide-window runs keep at most the share of the StreamingLLM run they are paired with (expected at 8K),
+    with a window wider than their budgets' own; --only picks runs in its order and refuses unknown names."""
+    from sglang_tca.budgets import Budgets
+
+    runs = eval_suite.plan(eval_suite.BUDGETS_DIR)
+    by = {r["name"]: r for r in runs}
+    wide = [r for r in runs if r.get("streaming_peer")]
+    assert len(wide) == 3
+    for r in wide:
+        peer, b = by[r["streaming_peer"]], Budgets.load(r["budgets"])
+        assert peer["policy"] == "streaming" and r["window"] > b.window and r["window"] % b.block == 0
+        cap = eval_suite.kept_at(b, 8192, peer["window"], rho=0.0)
+        assert eval_suite.kept_at(b, 8192, r["window"]) <= cap < eval_suite.kept_at(b, 8192, r["window"] + b.block)
+        assert r["name"] == f"tca w={r['window']} eps={r['eps']}"
+    names = [wide[1]["name"], "dense"]
+    assert [r["name"] for r in eval_suite.select_runs(runs, names)] == names
+    with pytest.raises(SystemExit, match="no run of the plan.*'tca eps=9'"):
+        eval_suite.select_runs(runs, ["dense", "tca eps=9"])
+
+
+def test_paired_rows_of_a_wide_window_run(samples):
+    half = [s["index"] < 2 for s in samples]
+    wide = fake_run("tca w=2240 eps=0.2", "tca", samples, True, 0.32, budgets="b0.2", eps=0.2, window=2240,
+                    streaming_peer="streaming w=2560")
+    wide["phases"]["ruler"] = [r if h else {**r, "output": "no idea"} for r, h in zip(wide["phases"]["ruler"], half)]
+    runs = [fake_run("dense", "triton", samples, True), wide,
+            fake_run("streaming w=2560", "tca", samples, False, 0.32, budgets="b0.07", policy="streaming",
+                     window=2560),
+            fake_run("tca eps=0.2", "tca", samples, False, 0.18, budgets="b0.2", eps=0.2)]
+    rows = {(a, b): d for a, b, d in eval_suite.paired_rows(eval_suite.summarize(runs), length=2048)
+            if a == wide["spec"]["name"]}
+    assert set(rows) == {(wide["spec"]["name"], "dense"), (wide["spec"]["name"], "streaming w=2560")}
+    assert rows[(wide["spec"]["name"], "streaming w=2560")][0] == pytest.approx(200 / 3)

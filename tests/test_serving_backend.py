@@ -331,6 +331,26 @@ def test_prefill_chunks_decode_and_finish_on_freed_memory(harness):
     assert h.tree.full_evictable_size() > 0
 
 
+def test_the_idle_check_runs_once_per_state_and_again_after_a_change(harness, monkeypatch):
+    """SGLang runs the tree's sanity check on every idle pass of its event loop: an unchanged state is not checked
+    again, and a change (here a record freed under the tree, which the check must catch) is."""
+    from sglang_tca.serving.radix import cached_logical_pages
+
+    h = harness()
+    a = h.new_request(ids(5, 200))
+    h.extend([a], [200])
+    h.finish(a)
+    calls = []
+    check = h.store.check
+    monkeypatch.setattr(h.store, "check", lambda *args: (calls.append(args), check(*args)))
+    h.tree.sanity_check()
+    h.tree.sanity_check()
+    assert len(calls) == 1 and len(calls[0][0]) == 200 // B                # idle: checked against the cached pages
+    h.store.release(cached_logical_pages(h.tree)[:1])
+    with pytest.raises(AssertionError, match="cached logical pages without a record"):
+        h.tree.sanity_check()
+
+
 def test_radix_reuse_of_a_compressed_prefix_equals_a_fresh_computation(harness):
     """A conversation's next turn (the whole previous sequence) and a second question on the same document
     (a shared prefix whose window is still dense) reuse the cache and give what a fresh computation gives."""

@@ -211,7 +211,7 @@ def test_tensor_parallel_ranks_keep_identical_host_state():
             for s in stores:
                 s.release(np.array(gone))
         a, b = stores
-        assert a.free == b.free and a.n_records == b.n_records
+        assert np.array_equal(a.free, b.free) and a.n_records == b.n_records
         assert all((x is None and y is None) or np.array_equal(x, y) for x, y in zip(a.rec_pages, b.rec_pages))
         assert a.token_capacity(len(live) + 5, 3) == b.token_capacity(len(live) + 5, 3)
         for s in stores:

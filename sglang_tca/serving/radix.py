@@ -40,13 +40,27 @@ class TCAChunkCache(_StoreHeld, SWAChunkCache):
 
 
 class TCARadixCache(_StoreHeld, UnifiedRadixCache):
+    _checked = None                   # the state the last sanity check passed in (`_state`)
+
+    def _state(self) -> tuple:
+        """What changes whenever the tree or the store does: the store's version and the tree's size counters."""
+        return (self.token_to_kv_pool_allocator.store.version, self.full_evictable_size(), self.full_protected_size(),
+                self.swa_evictable_size(), self.swa_protected_size())
+
     def sanity_check(self):
+        """SGLang's tree check and the store's. SGLang calls this on every pass of its idle event loop (for hybrid-SWA
+        caches, which TCA's is), so a state that already passed is not checked again: with millions of store pages
+        a check takes tens of milliseconds, which a request arriving at an idle server would wait for."""
+        state = self._state()
+        if state == self._checked:
+            return
         super().sanity_check()
         store = self.token_to_kv_pool_allocator.store
         if self.protected_size() == 0 and not store.pending:        # idle: the tree holds every live record
             store.check(cached_logical_pages(self))
         else:
             store.check()
+        self._checked = state
 
 
 def cached_logical_pages(tree: UnifiedRadixCache) -> np.ndarray:

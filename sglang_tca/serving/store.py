@@ -19,7 +19,9 @@ The host decides everything that the scheduler sees (rank-uniform by constructio
     counted exactly, pages of blocks not yet completed at the expected share, and the worst case of the next
     forwards is held back.
 Invariants (`check`): free + held by records + reserved == all pages; at idle the live records are exactly the
-logical pages the radix cache holds.
+logical pages the radix cache holds. The host state is numpy arrays and running counters, so what the scheduler asks
+between forwards is O(1) and a full check is a few vectorised passes; `version` changes with every change of state
+(the radix cache's idle check skips a state it has already checked).
 """
 from __future__ import annotations
 
@@ -85,25 +87,48 @@ class CompressedStore:
     # -- host state -------------------------------------------------------------------------------------------------
     def clear(self) -> None:
         n_lp = self.plan.logical_pages + 1
-        self.free = list(range(self.plan.heap_pages - 1, 0, -1))    # a stack; page 0 is the trash page
+        self._stack = np.arange(self.plan.heap_pages - 1, 0, -1, dtype=np.int32)   # free pages; page 0 is the trash
+        self._top = len(self._stack)                                 # the free pages are _stack[:_top], top last
         self.rec_pages = [None] * n_lp                              # host page list of each settled live record
         self.alive = np.zeros(n_lp, dtype=bool)                      # settled live records (0 pages allowed)
         self.freed_epoch = np.full(n_lp, -1, dtype=np.int64)
         self.launches = 0
         self.n_records = 0                                           # live records, pending ones included
+        self._record_pages = 0                                       # pages held by settled live records
+        self._reserved_pages = 0                                     # pages reserved by forwards not yet settled
         self.pending: deque[Pending] = deque()
+        self.version = getattr(self, "version", 0) + 1
+
+    @property
+    def free(self) -> np.ndarray:
+        """The free pages (a read-only view; the next one handed out is the last)."""
+        view = self._stack[:self._top]
+        view.flags.writeable = False
+        return view
 
     @property
     def free_pages(self) -> int:
-        return len(self.free)
+        return self._top
 
     @property
     def reserved_pages(self) -> int:
-        return sum(len(r) for p in self.pending for r in p.reserved)
+        return self._reserved_pages
 
     @property
     def record_pages(self) -> int:
-        return sum(len(r) for r in self.rec_pages if r is not None)
+        return self._record_pages
+
+    def _pop(self, n: int) -> np.ndarray:
+        """The top n free pages, the topmost first."""
+        out = self._stack[self._top - n:self._top][::-1].copy()
+        self._top -= n
+        return out
+
+    def _push(self, pages: np.ndarray) -> None:
+        """Return pages to the free stack (the last one on top)."""
+        n = len(pages)
+        self._stack[self._top:self._top + n] = pages
+        self._top += n
 
     def pages_for(self, first_block: Sequence[bool]) -> list[int]:
         """Worst-case pages of new records: the sink keeps everything, other blocks their heads' largest counts."""
@@ -116,15 +141,14 @@ class CompressedStore:
         if not first_block:
             return None
         need = self.pages_for(first_block)
-        if sum(need) > len(self.free):
-            raise StoreExhausted(f"TCA compressed store: a forward needs up to {sum(need)} pages, {len(self.free)} are "
+        if sum(need) > self._top:
+            raise StoreExhausted(f"TCA compressed store: a forward needs up to {sum(need)} pages, {self._top} are "
                                  f"free; the admission accounting should have held them back (a bug; please report)")
         self.launches += 1
-        reserved = []
-        for n in need:
-            reserved.append(np.array(self.free[-n:][::-1] if n else [], dtype=np.int32))
-            del self.free[len(self.free) - n:]
+        self.version += 1
+        reserved = [self._pop(n) for n in need]
         self.n_records += len(reserved)
+        self._reserved_pages += sum(need)
         table = np.zeros((len(reserved), self.plan.max_pages_per_record), dtype=np.int32)
         for i, r in enumerate(reserved):
             table[i, :len(r)] = r
@@ -162,6 +186,8 @@ class CompressedStore:
             return
         assert self.pending and self.pending[0] is pending, "forwards must settle in launch order"
         self.pending.popleft()
+        self.version += 1
+        self._reserved_pages -= sum(len(r) for r in pending.reserved)
         event, pages, rows = pending.readback
         if event is not None:
             event.synchronize()
@@ -171,22 +197,26 @@ class CompressedStore:
             if u > len(res):
                 raise RuntimeError(f"TCA record {p} used {u} pages, {len(res)} were reserved (a bug; please report)")
             if self.freed_epoch[p] >= pending.epoch:          # freed after its launch: nothing stays
-                self.free.extend(res[::-1].tolist())
+                self._push(res[::-1])
                 self.n_records -= 1
                 continue
             if self.alive[p]:
                 raise RuntimeError(f"TCA logical page {p} got a second record (a bug; please report)")
             self.alive[p] = True
             self.rec_pages[p] = res[:u]
-            self.free.extend(res[u:][::-1].tolist())
+            self._record_pages += int(u)
+            self._push(res[u:][::-1])
 
     def release(self, logical_pages: np.ndarray) -> None:
         """SGLang freed these logical pages: their records (if any) give their pages back."""
-        for p in np.asarray(logical_pages, dtype=np.int64).reshape(-1):
-            self.freed_epoch[p] = self.launches
-            if self.alive[p]:
+        pages = np.asarray(logical_pages, dtype=np.int64).reshape(-1)
+        self.version += 1
+        self.freed_epoch[pages] = self.launches
+        for p in pages[self.alive[pages]]:
+            if self.alive[p]:                                 # (a page may be listed twice)
                 self.alive[p] = False
-                self.free.extend(self.rec_pages[p][::-1].tolist())
+                self._push(self.rec_pages[p][::-1])
+                self._record_pages -= len(self.rec_pages[p])
                 self.rec_pages[p] = None
                 self.n_records -= 1
 
@@ -195,7 +225,7 @@ class CompressedStore:
         """Logical tokens the scheduler may still admit: free pages, minus the expected pages of blocks already
         allocated but not yet completed, minus the worst case (above the expected share) of every block the next
         forwards may complete (one per running request, plus a prefill chunk's), at the expected share."""
-        return self._capacity(len(self.free), max(logical_pages_in_use - self.n_records, 0), request_rows_in_use)
+        return self._capacity(self._top, max(logical_pages_in_use - self.n_records, 0), request_rows_in_use)
 
     def _capacity(self, free_pages: int, open_blocks: int, request_rows_in_use: int) -> int:
         nominal = self.plan.nominal_pages_per_block
@@ -232,14 +262,17 @@ class CompressedStore:
         """Raise AssertionError when pages are lost or doubly owned; with `live_logical_pages` (at idle: the pages the
         radix cache holds), also when a live record is not among them or a held full page has no record."""
         total = self.plan.heap_pages - 1
+        records = [self.rec_pages[p] for p in np.flatnonzero(self.alive)]
+        reserved = [r for p in self.pending for r in p.reserved]
+        assert self._record_pages == sum(len(r) for r in records) and \
+            self._reserved_pages == sum(len(r) for r in reserved), "TCA store: page counters drifted"
         owned = self.free_pages + self.record_pages + self.reserved_pages
         assert owned == total, f"TCA store pages: {self.free_pages} free + {self.record_pages} in records + " \
                                f"{self.reserved_pages} reserved != {total}"
-        seen = np.zeros(self.plan.heap_pages, dtype=np.int64)
-        for pages in [np.asarray(self.free, dtype=np.int64)] + [r for r in self.rec_pages if r is not None] + \
-                [r for p in self.pending for r in p.reserved]:
-            np.add.at(seen, np.asarray(pages, dtype=np.int64), 1)
-        assert seen[0] == 0 and (seen[1:] == 1).all(), "TCA store: a page is lost or owned twice"
+        seen = np.bincount(np.concatenate([self.free, *records, *reserved]).astype(np.int64),
+                           minlength=self.plan.heap_pages)
+        assert len(seen) == self.plan.heap_pages and seen[0] == 0 and (seen[1:] == 1).all(), \
+            "TCA store: a page is lost or owned twice"
         assert self.n_records == int(self.alive.sum()) + sum(len(p.reserved) for p in self.pending), \
             "TCA store: record count drifted"
         if live_logical_pages is not None:
