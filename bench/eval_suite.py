@@ -15,12 +15,14 @@ SmolLM2-135M-Instruct, against dense and baseline policies at the same KV budget
 Policies (`plan`, on the server's freed KV memory): dense (SGLang's triton backend); TCA with the eps sweep of
 bench/eval_budgets.py; at the two largest KV budgets whose expected kept share at 8K is <= 0.35: uniform budgets of
 the same mean, random tokens at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps
-the same share at 8K; StreamingLLM at eps 0.05's share; w 512. The question-aware end of prompt (--tca-observe) is
+the same share at 8K; TCA with a wider window (fewer kept tokens per compressed block, the widest window that keeps
+at most a StreamingLLM peer's share: eps 0.2 and 0.1 at the larger peer share, eps 0.2 at the smaller); StreamingLLM
+at eps 0.05's share; w 512. The question-aware end of prompt (--tca-observe) is
 not planned: the server refuses it on freed memory (docs/ALGORITHM.md); the committed runs made before the memory
 was freed include it, and the report still reads them.
 The report adds paired differences (same prompts) of each TCA run against dense, the StreamingLLM run made from its
 budgets file, and uniform and random at its eps; of each observe run against dense, StreamingLLM, TCA without observe
-and uniform with observe.
+and uniform with observe; of each wide-window run against dense and the StreamingLLM run whose share it matches.
 """
 from __future__ import annotations
 
@@ -203,7 +205,7 @@ class Stats:
         return [json.loads(x) for x in lines.splitlines() if x.strip()]
 
 
-def run_policy(spec: dict, model: str, items: list[dict], tok, stats_path: Path) -> dict:
+def run_policy(spec: dict, model: str, items: list[dict], tok, stats_path: Path, log_level: str = "error") -> dict:
     from sglang_tca.config import STATS_ENV, TCAConfig
     from sglang_tca.engine import Engine
 
@@ -215,7 +217,7 @@ def run_policy(spec: dict, model: str, items: list[dict], tok, stats_path: Path)
                         observe=spec.get("observe"))
     t0 = time.time()
     eng = Engine(model_path=model, attention_backend=spec["backend"], tca=tca, disable_prefill_cuda_graph=True,
-                 log_level="error", mem_fraction_static=0.6, cuda_graph_max_bs_decode=64)
+                 log_level=log_level, mem_fraction_static=0.6, cuda_graph_max_bs_decode=64)
     res = {"spec": spec, "start_s": round(time.time() - t0, 1), "phases": {}, "stats": {}}
 
     def gen(ids, max_new, **kw):
@@ -338,7 +340,7 @@ def run(args) -> None:
             if time.time() - t_start > args.deadline:
                 print(f"[eval] {spec['name']}: skipped, past --deadline {args.deadline}s", flush=True)
                 continue
-            res = run_policy(spec, args.model, items, tok, Path("/tmp/eval_stats.jsonl"))
+            res = run_policy(spec, args.model, items, tok, Path("/tmp/eval_stats.jsonl"), args.log_level)
             res.update(device=device, sglang=sglang.__version__, torch=torch.__version__,
                        date=datetime.date.today().isoformat())
             (cache / fname).write_text(json.dumps(res))
@@ -578,6 +580,8 @@ def main(argv=None) -> int:
     r.add_argument("--prompts", default=str(PROMPTS))
     r.add_argument("--only", nargs="+", help="run names to run, in this order (default: the whole plan)")
     r.add_argument("--deadline", type=float, default=480, help="start no new run after this many seconds")
+    r.add_argument("--log-level", default="error", choices=("error", "warning", "info"),
+                   help="the Engines' log level (info: SGLang's per-batch prefill and decode lines, for timing)")
     g = sub.add_parser("report")
     g.add_argument("--runs", nargs="+", required=True, help="folders with run results (*.json)")
     args = ap.parse_args(argv)
