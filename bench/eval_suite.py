@@ -150,8 +150,8 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
 
     def wide(e, peer):                 # TCA at eps e with the widest window that keeps at most `peer`'s share at 8K
         b, s = Budgets.load(tca[e]), peer["window"]
-        cap = kept_at(b, 8192, s, rho=0.0)
-        w = max((w for w in range(b.window, s + 1, b.block) if kept_at(b, 8192, w) <= cap), default=None)
+        cap = b.expected_kept(8192, window=s, rho=0.0)
+        w = max((w for w in range(b.window, s + 1, b.block) if b.expected_kept(8192, window=w) <= cap), default=None)
         return None if w is None or w == b.window else {
             "name": f"tca w={w} eps={e}", "budgets": tca[e], "eps": e, "window": w, "streaming_peer": peer["name"]}
 
@@ -179,15 +179,6 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
         r.setdefault("backend", "tca")
         r["budgets"] = str(r["budgets"]) if "budgets" in r else None
     return runs
-
-
-def kept_at(budgets, n: int, window: int, rho: float | None = None) -> float:
-    """`Budgets.expected_kept(n)` with another dense window (and optionally another mean kept share rho)."""
-    from sglang_tca.params import dense_start
-
-    comp = dense_start(n, budgets.block, window) - budgets.block
-    rho = float(budgets.rho.mean()) if rho is None else rho
-    return (n - comp + rho * comp) / n
 
 
 class Stats:

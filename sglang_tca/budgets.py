@@ -129,11 +129,13 @@ class Budgets:
         T = torch.as_tensor(thresholds, dtype=torch.float32).expand(model.num_layers, model.num_kv_heads, kn - 1).clone()
         return cls(model, block, window, eps, scoring, metric, P, T)
 
-    def expected_kept(self, n: int) -> float:
+    def expected_kept(self, n: int, window: int | None = None, rho: float | None = None) -> float:
         """Share of the KV kept at length n if every compressed block keeps the mean rho of all heads (sink and
-        dense window kept whole): what these budgets cost, before any text is seen."""
-        comp = dense_start(n, self.block, self.window) - self.block
-        return float((n - comp + self.rho.mean() * comp) / n)
+        dense window kept whole): what these budgets cost, before any text is seen. `window` / `rho` replace the
+        budgets' own (a served --tca-window; rho 0: StreamingLLM with that window)."""
+        comp = dense_start(n, self.block, self.window if window is None else window) - self.block
+        rho = self.rho.mean() if rho is None else rho
+        return float((n - comp + rho * comp) / n)
 
     def validate(self) -> None:
         m = self.model

@@ -91,8 +91,8 @@ def test_plan_widens_the_window_to_the_streaming_peers_share():
     for r in wide:
         peer, b = by[r["streaming_peer"]], Budgets.load(r["budgets"])
         assert peer["policy"] == "streaming" and r["window"] > b.window and r["window"] % b.block == 0
-        cap = eval_suite.kept_at(b, 8192, peer["window"], rho=0.0)
-        assert eval_suite.kept_at(b, 8192, r["window"]) <= cap < eval_suite.kept_at(b, 8192, r["window"] + b.block)
+        cap = b.expected_kept(8192, window=peer["window"], rho=0.0)
+        assert b.expected_kept(8192, window=r["window"]) <= cap < b.expected_kept(8192, window=r["window"] + b.block)
         assert r["name"] == f"tca w={r['window']} eps={r['eps']}"
     names = [wide[1]["name"], "dense"]
     assert [r["name"] for r in eval_suite.select_runs(runs, names)] == names

@@ -82,6 +82,7 @@ class CompressedStore:
                                      device=self.device)
         self.out_page = torch.zeros(plan.reservation_rows, dtype=torch.int64, device=self.device)
         self.out_rows = torch.zeros(plan.reservation_rows, dtype=torch.int32, device=self.device)
+        self.version = 0
         self.clear()
 
     # -- host state -------------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class CompressedStore:
         self._record_pages = 0                                       # pages held by settled live records
         self._reserved_pages = 0                                     # pages reserved by forwards not yet settled
         self.pending: deque[Pending] = deque()
-        self.version = getattr(self, "version", 0) + 1
+        self.version += 1
 
     @property
     def free(self) -> np.ndarray:
