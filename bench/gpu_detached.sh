@@ -4,8 +4,9 @@
 # call waits for it a while and brings back what it has written so far.
 #   bash bench/gpu_detached.sh start CMD [ARG ...]   start CMD in a copy of the tree (its $OUT is $J/out), then wait
 #   bash bench/gpu_detached.sh wait                  wait up to WAIT_S (default 560) for the job to end
-# Every call copies the job's files so far and its log into this call's $OUT and prints the log's tail; when the job
-# has ended, $OUT/rc holds its exit status. Issue the next `wait` at once: an idle machine goes back after 30 s.
+# Every call copies the job's files so far (more than MAX_FILES, default 6: all of them as out.tgz, since at most 8
+# files come back from a call) and its log into this call's $OUT and prints the log's tail; when the job has ended,
+# $OUT/rc holds its exit status. Issue the next `wait` at once: an idle machine goes back after 30 s.
 # The job runs in a copy of the tree as it was at `start` ($J/tree, .git left out): each device call re-syncs the
 # working tree and removes the ignored paths it does not carry, which once took .client/.tok from under a running
 # bench_serving (2026-12-02); a `wait` call needs no carry.
@@ -30,7 +31,9 @@ case "${1:-}" in
 esac
 end=$(( $(date +%s) + ${WAIT_S:-560} ))
 while [ ! -e "$J/rc" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
-cp -r "$J/out/." "${OUT:?}/" 2>/dev/null
+# At most 8 files come back from a device call: a job that wrote more than MAX_FILES comes back as out.tgz
+if [ "$(find "$J/out" -type f | wc -l)" -gt "${MAX_FILES:-6}" ]; then tar czf "${OUT:?}/out.tgz" -C "$J/out" .
+else cp -r "$J/out/." "${OUT:?}/" 2>/dev/null; fi
 cp "$J/log" "$OUT/job.log"
 tail -40 "$J/log"
 if [ -e "$J/rc" ]; then cp "$J/rc" "$OUT/rc"; echo "[detached] job ended, rc $(cat "$J/rc")"

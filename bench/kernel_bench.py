@@ -44,7 +44,10 @@ graph of many calls and replayed (Triton JIT and warm-up outside the timing), ms
                   where every request ends a block (copies the kept rows of all layers' heads into the store);
   c               `kernels.kept_lists.kept_lists` at position ctx - 1 (rows only; blocks' logical pages from the
                   per-batch block_pages table; max_len = req_to_token's width, the static bound of decode CUDA
-                  graphs; count, cumsum, write; parallel over block tiles);
+                  graphs, --table-ctx; count, cumsum, write; parallel over block tiles, a grid of about 16
+                  programs per SM each looping over tiles);
+  c_tiles         c with one program per tile (the grid before that loop: mostly empty programs when the table
+                  is much wider than the requests);
   d               `kernels.sparse_attention.tca_sparse_attention` decode at ctx - 1 (kept_pos None; the window's
                   dense slots from the per-batch dense_slots / dense_first table), given c's lists;
   e               a + b + c + d in one graph at position ctx - 1 (a block end when ctx % b == 0);
@@ -130,13 +133,13 @@ def _perm(n, g, contiguous):
     return torch.arange(n, device=g.device) if contiguous else torch.randperm(n, generator=g, device=g.device)
 
 
-def logical_layout(bs, ctx, block, g, contiguous=False):
-    """req_to_token [bs+1, ctx+64] int32 of logical ids: request r (row r+1) has its block j on logical page
+def logical_layout(bs, ctx, block, g, contiguous=False, width=None):
+    """req_to_token [bs+1, width or ctx+64] int32 of logical ids: request r (row r+1) has its block j on logical page
     pages[r, j] (shuffled, page 0 is SGLang's padding page), position t at id pages[r, t // b] * b + t % b."""
     n_blk = -(-ctx // block)
     pages = (_perm(bs * n_blk, g, contiguous) + 1).view(bs, n_blk)
     t = torch.arange(ctx, device=g.device)
-    r2t = torch.zeros(bs + 1, ctx + 64, dtype=torch.int32, device=g.device)
+    r2t = torch.zeros(bs + 1, max(width or 0, ctx + 64), dtype=torch.int32, device=g.device)
     r2t[1:, :ctx] = (pages[:, t // block] * block + t % block).int()
     return r2t, pages
 
@@ -290,7 +293,7 @@ class DecodeCase:
     padding page)."""
 
     def __init__(self, ctx, bs, hq, hkv, d, block, window, keep, dtype, device, n_layers, seed=0, contiguous=False,
-                 poison=False, page_rows=ROWS_PER_PAGE):
+                 poison=False, page_rows=ROWS_PER_PAGE, table_ctx=None):
         if ctx < window + 2 * block:
             raise ValueError(f"ctx {ctx} has no compressed block (needs ctx >= window + 2 * block)")
         b = block
@@ -307,7 +310,8 @@ class DecodeCase:
         self.pos = full(ctx - 1)                                                   # positions = seq_len - 1
         self.pos_none = full(ctx - 1 if ctx % b else ctx - 2)                      # ends no block
         self.pos_all = full((ctx // b) * b - 1)                                    # every request ends a block
-        self.r2t, self.pages = logical_layout(bs, ctx, b, g, contiguous)
+        # req_to_token's width is the server's context length (table_ctx): the kept lists' grid of a decode graph
+        self.r2t, self.pages = logical_layout(bs, ctx, b, g, contiguous, width=table_ctx)
         self.jl = ctx // b - 1                         # the block pos_all ends: completed by a_all / b_all (and e)
         lo = dense_start(ctx, b, window)               # the decode's dense window (the block jl lies inside it)
         self.l2d, dense_tokens = dense_layout(self.pages, lo, ctx, b, g, contiguous)
@@ -407,9 +411,13 @@ class DecodeCase:
     def compact_all(self, l):
         self.compact(l, "all")
 
-    def kept_lists(self, l, kept_pos=None):
+    def kept_lists(self, l, kept_pos=None, programs=None):
         return kept_lists(self.store, l, self.r2t, self.rows, self.pos, self.window, self.kept_buf,
-                          self.r2t.shape[1], kept_pos, block_pages=self.block_pages)
+                          self.r2t.shape[1], kept_pos, block_pages=self.block_pages, programs=programs)
+
+    def kept_lists_per_tile(self, l):
+        """c with one program per tile (the grid before `programs`)."""
+        return self.kept_lists(l, programs=1 << 30)
 
     def attend(self, l, indptr=None, kept=None):
         if indptr is None:
@@ -661,7 +669,7 @@ def auto_pool_layers(bs, ctx, hkv, d, dtype, target_bytes=1 << 30):
 
 PIECES = [("a_none", "select, no block end"), ("a_all", "select, all end a block"),
           ("b_none", "compact, no block end"), ("b_all", "compact, all end a block"), ("c", "kept lists"),
-          ("d", "attention"), ("e", "a+b+c+d graph"), ("f", "triton dense"), ("g", "flashinfer")]
+          ("c_tiles", "kept lists, a program per tile"), ("d", "attention"), ("e", "a+b+c+d graph"), ("f", "triton dense"), ("g", "flashinfer")]
 PROJECTED = ("e", "f", "g")            # per-token projections (x --layers)
 
 
@@ -697,12 +705,14 @@ def run_decode_breakdown(a):
             t_case = time.time()
             n_layers = a.pool_layers or (auto_pool_layers(bs, ctx, a.hkv, a.d, dtype) if on_gpu else 2)
             case = DecodeCase(ctx, bs, a.hq, a.hkv, a.d, a.block, a.window, keep, dtype, dev, n_layers,
-                              contiguous=a.contiguous, poison=a.smoke)
-            row = dict(mode="decode_breakdown", ctx=ctx, bs=bs, pool_layers=n_layers, keep=keep,
+                              contiguous=a.contiguous, poison=a.smoke, table_ctx=a.table_ctx)
+            row = dict(mode="decode_breakdown", ctx=ctx, bs=bs, table_ctx=case.r2t.shape[1], pool_layers=n_layers,
+                       keep=keep,
                        read=case.read_share(), mask_share=case.built_share.mean().item(), layers=a.layers,
                        store_pages=case.plan.heap_pages, arena_rows=case.plan.arena_rows)
             fns = dict(a_none=case.select_none, a_all=case.select_all, b_none=case.compact_none,
-                       b_all=case.compact_all, c=case.kept_lists, d=case.attend, e=case.step)
+                       b_all=case.compact_all, c=case.kept_lists, c_tiles=case.kept_lists_per_tile, d=case.attend,
+                       e=case.step)
             notes = {}
             if not a.no_dense and on_gpu:
                 for key, make in (("f", triton_dense_decode), ("g", flashinfer_decode)):
@@ -791,6 +801,9 @@ def main(argv=None):
     bd.add_argument("--decode-breakdown", action="store_true",
                     help="per-layer time of TCA's decode pieces (selection, compaction, kept lists, attention, all "
                          "four) next to SGLang's triton and flashinfer decode (see above)")
+    bd.add_argument("--table-ctx", type=int, default=None,
+                    help="req_to_token width = the server's context length, which bounds a decode CUDA graph's "
+                         "kept-list grid (default ctx + 64)")
     bd.add_argument("--layers", type=int, default=32, help="layers per token for the ms/token projection")
     bd.add_argument("--pool-layers", type=int, default=None,
                     help="layers built and visited in turn (default: ~1 GiB of dense K/V, 2..8; CPU: 2)")

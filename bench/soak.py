@@ -57,6 +57,7 @@ from http_check import start, stop  # noqa: E402
 
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
+FULL_CHECK_WAIT_S = 1.5    # > TCARadixCache.full_check_after_s: an idle state gets the full store check after 1 s
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}      # not DURING_BUSY: see the docstring
 ROUND = {                      # kind: requests of that kind in each shuffled round of the schedule
     "short": 6,                # 20-200 prompt tokens on /generate
@@ -762,6 +763,7 @@ async def idle_period(client: Client, state: State, cfg: Config, t_s: float) -> 
     try:
         async with state.health_lock:            # no /health probe (a 1-token request) between the reads
             await wait_idle(client, state, 10.0, cfg.idle_poll_s)     # the last probe's request
+            await asyncio.sleep(FULL_CHECK_WAIT_S)     # the server's full store check runs on this idle state
             loads, before = await client.loads(), await client.tca()
             flushed = await client.flush()
             after = await client.tca()

@@ -1,6 +1,7 @@
 """Speed: TCA (freed KV) vs dense SGLang (flashinfer), Llama-3.1-8B shape with dummy weights, same machine, same job.
 
     python bench/speed_bench.py run [--parts engine serving] [--backends tca flashinfer] [--deadline-s S] [--out DIR]
+                                    [--contexts N ...] [--batched BSxN ...]     (engine shapes; default all)
     python bench/speed_bench.py report --runs FILE [FILE ...]      (here: writes bench/results/speed.{md,json,png})
 
 Budgets: bench/synthetic_budgets.py (every (layer, KV head) keeps a fixed 8..32 of each block's 64 tokens, mean kept
@@ -56,7 +57,7 @@ def decode_rate(marks: list[list[tuple[float, int]]]) -> tuple[float, float]:
     return t1 - t0, sum(tokens_at(m, t1) - tokens_at(m, t0) for m in marks)
 
 
-def part_engine(backend: str, out: Path) -> dict:
+def part_engine(backend: str, out: Path, contexts=CONTEXTS, batched=BATCHED) -> dict:
     import asyncio
 
     from sglang_tca.config import TCAConfig
@@ -90,7 +91,7 @@ def part_engine(backend: str, out: Path) -> dict:
         return marks
 
     try:
-        for n in CONTEXTS:
+        for n in contexts:
             stream(1, n, DECODE_TOKENS + 1)                               # warm-up of the shape
             ttft, dec = [], []
             for _ in range(REPEATS):
@@ -102,7 +103,7 @@ def part_engine(backend: str, out: Path) -> dict:
                                        "decode_ms": round(statistics.median(dec), 3),
                                        "ttft_all_s": [round(x, 4) for x in ttft], "decode_all_ms": [round(x, 3) for x in dec]}
             print(f"[speed] {backend} {n}: {res['contexts'][str(n)]}", flush=True)
-        for bs, n in BATCHED:
+        for bs, n in batched:
             stream(bs, n, 8)                                              # warm-up
             secs, toks = decode_rate(stream(bs, n, DECODE_TOKENS + 1))
             res["batched"][f"{bs}x{n}"] = {"decode_tok_s": round(toks / secs, 1), "window_s": round(secs, 3),
@@ -126,20 +127,30 @@ def part_serving(backend: str, out: Path, port: int) -> dict:
 def run(args):
     budgets = synthetic_budgets(Path(args.out) / "budgets.json")
 
+    batched = [tuple(int(x) for x in s.split("x")) for s in args.batched]
+
     def base(part, backend):
         rec = {"mem_fraction_static": MEM_FRACTION}
         if part == "engine" and backend == "tca":
-            rec["kept"] = {str(n): round(budgets.expected_kept(n), 4) for n in CONTEXTS}
+            rec["kept"] = {str(n): round(budgets.expected_kept(n), 4) for n in args.contexts}
         return rec
 
-    run_parts("speed", args, ESTIMATE_S, lambda part, backend, i: part_engine(backend, Path(args.out))
+    run_parts("speed", args, ESTIMATE_S, lambda part, backend, i: part_engine(backend, Path(args.out), args.contexts,
+                                                                             batched)
               if part == "engine" else part_serving(backend, Path(args.out), 30000 + i), base)
+
+
+def engine_args(ap):
+    """The engine part's shapes (default: all; fewer for a shorter job)."""
+    ap.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="bs-1 context lengths")
+    ap.add_argument("--batched", nargs="*", default=[f"{bs}x{n}" for bs, n in BATCHED],
+                    help="batched decode shapes BSxLEN")
 
 
 def main():
     from speed_report import report
 
-    cli(__doc__, "speed", list(ESTIMATE_S), run, report)
+    cli(__doc__, "speed", list(ESTIMATE_S), run, report, extra=engine_args)
 
 
 if __name__ == "__main__":

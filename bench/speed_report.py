@@ -2,8 +2,10 @@
 
     python bench/speed_bench.py report --runs bench/results/speed_runs/FILE.jsonl [...]
 
-The last record of each (part, backend) wins; a part is reported only when one run file holds it for both TCA and
-flashinfer (never paired across files). Ratios: flashinfer time / TCA time (TTFT, decode ms/token) and TCA /
+A part is reported only when one run file holds it for both TCA and flashinfer (never paired across files). Engine
+rows (a context length, a batched shape) come from the last file that measured them, each with its run's date and
+file, so a shorter later run (`--contexts`, `--batched`) updates only what it measured; serving from the last file
+that holds it. Ratios: flashinfer time / TCA time (TTFT, decode ms/token) and TCA /
 flashinfer throughput (batched decode, bench_serving), so above 1 means TCA is faster. Targets are the speed issue's.
 """
 from __future__ import annotations
@@ -35,33 +37,48 @@ def _target(what, key, ratio):
     return None if want is None else {"target": want, "met": ratio >= want}
 
 
+def _engine_runs(run_files: list[Path]) -> list[tuple[str, dict, dict]]:
+    """(source, TCA's record, flashinfer's) of every file that holds the engine part for both, in the given order."""
+    runs = []
+    for f in run_files:
+        recs, sources = load_runs([f])
+        if both := paired(recs, "engine"):
+            runs.append((sources[0], *both))
+    return runs
+
+
 def report(run_files: list[Path], out_dir: Path = RESULTS) -> dict:
     pairs, sources = _pairs(run_files)
-    if "engine" not in pairs:
+    runs = _engine_runs(run_files)
+    if not runs:
         raise SystemExit("error: the runs hold no engine part for both tca and flashinfer in one file")
-    t, d = pairs["engine"]
+    t = runs[-1][1]
     out = {"device": t["device"], "date": t["date"], "sources": sources, "command": COMMAND,
+           "runs": [{"source": src, "device": rt["device"], "date": rt["date"]} for src, rt, _ in runs],
            "model": "Llama-3.1-8B shape (bench/llama31_8b), dummy weights, bf16",
            "budgets": "bench/synthetic_budgets.py: (layer l, KV head h) keeps KS[(l + h) % 8] of each block's 64 "
                       "tokens, KS = (8, 16, 32, 16, 8, 32, 16, 32), mean kept share of compressed blocks 0.3125",
            "mem_fraction_static": t["mem_fraction_static"], "contexts": {}, "batched": {}, "serving": None}
-    for n, ct in t["contexts"].items():
-        cd = d["contexts"].get(n)
-        if cd is None:
-            continue
-        ttft_ratio, decode_ratio = cd["ttft_s"] / ct["ttft_s"], cd["decode_ms"] / ct["decode_ms"]
-        out["contexts"][n] = {
-            "kept": t.get("kept", {}).get(n), "ttft_s": {"tca": ct["ttft_s"], "flashinfer": cd["ttft_s"]},
-            "decode_ms": {"tca": ct["decode_ms"], "flashinfer": cd["decode_ms"]},
-            "ttft_ratio": round(ttft_ratio, 3), "decode_ratio": round(decode_ratio, 3),
-            "ttft_target": _target("ttft", int(n), ttft_ratio), "decode_target": _target("decode", int(n), decode_ratio)}
-    for k, bt in t["batched"].items():
-        bd = d["batched"].get(k)
-        if bd is None:
-            continue
-        ratio = bt["decode_tok_s"] / bd["decode_tok_s"]
-        out["batched"][k] = {"decode_tok_s": {"tca": bt["decode_tok_s"], "flashinfer": bd["decode_tok_s"]},
-                             "ratio": round(ratio, 3), "target": _target("batched", k, ratio)}
+    for src, t, d in runs:                                   # later files replace earlier ones, row by row
+        run = {"source": src, "device": t["device"], "date": t["date"]}
+        for n, ct in t["contexts"].items():
+            cd = d["contexts"].get(n)
+            if cd is None:
+                continue
+            ttft_ratio, decode_ratio = cd["ttft_s"] / ct["ttft_s"], cd["decode_ms"] / ct["decode_ms"]
+            out["contexts"][n] = {
+                "kept": t.get("kept", {}).get(n), "ttft_s": {"tca": ct["ttft_s"], "flashinfer": cd["ttft_s"]},
+                "decode_ms": {"tca": ct["decode_ms"], "flashinfer": cd["decode_ms"]},
+                "ttft_ratio": round(ttft_ratio, 3), "decode_ratio": round(decode_ratio, 3),
+                "ttft_target": _target("ttft", int(n), ttft_ratio),
+                "decode_target": _target("decode", int(n), decode_ratio), "run": run}
+        for k, bt in t["batched"].items():
+            bd = d["batched"].get(k)
+            if bd is None:
+                continue
+            ratio = bt["decode_tok_s"] / bd["decode_tok_s"]
+            out["batched"][k] = {"decode_tok_s": {"tca": bt["decode_tok_s"], "flashinfer": bd["decode_tok_s"]},
+                                 "ratio": round(ratio, 3), "target": _target("batched", k, ratio), "run": run}
     if "serving" in pairs:
         st, sd = pairs["serving"]
         ratio = st["output_throughput"] / sd["output_throughput"]
@@ -115,10 +132,11 @@ def _markdown(o: dict) -> str:
         f"| {LABEL.get(int(n), n)} | {r['kept'] if r['kept'] is not None else ''} | {r['ttft_s']['tca']:.3f} | "
         f"{r['ttft_s']['flashinfer']:.3f} | **{r['ttft_ratio']:.2f}**{_mark(r['ttft_target'])} | "
         f"{r['decode_ms']['tca']:.2f} | {r['decode_ms']['flashinfer']:.2f} | "
-        f"**{r['decode_ratio']:.2f}**{_mark(r['decode_target'])} |\n"
+        f"**{r['decode_ratio']:.2f}**{_mark(r['decode_target'])} | {r['run']['date']} |\n"
         for n, r in sorted(o["contexts"].items(), key=lambda x: int(x[0])))
     batched = "".join(f"| {k.replace('x', ' x ')} | {b['decode_tok_s']['tca']:.0f} | {b['decode_tok_s']['flashinfer']:.0f} | "
-                      f"**{b['ratio']:.2f}**{_mark(b['target'])} |\n" for k, b in o["batched"].items())
+                      f"**{b['ratio']:.2f}**{_mark(b['target'])} | {b['run']['date']} |\n" for k, b in o["batched"].items())
+    runs = "; ".join(f"{r['date']}: {r['device']}, `{r['source']}`" for r in o["runs"])
     s = o["serving"]
     serving = "not run (no run file holds it for both backends)" if s is None else (
         f"output tokens/s TCA {s['output_throughput']['tca']:.0f} vs flashinfer "
@@ -128,21 +146,22 @@ def _markdown(o: dict) -> str:
     notes = "".join(f"\n- {NOTES[Path(x).name]}\n" for x in o["sources"] if Path(x).name in NOTES)
     return f"""# Speed: TCA (freed KV) vs dense SGLang (flashinfer)
 
-{o['device']}, {o['date']}, sglang 0.5.17, torch 2.11.0+cu130; both backends in one GPU job on one machine, the same
-flags and `--mem-fraction-static {o['mem_fraction_static']}`, decode CUDA graphs on, prefill CUDA graph off.
+Engine runs (each row says which; a row's two backends always ran in one GPU job on one machine): {runs}.
+sglang 0.5.17, torch 2.11.0+cu130; the same flags for both backends and `--mem-fraction-static
+{o['mem_fraction_static']}`, decode CUDA graphs on, prefill CUDA graph off.
 {o['model']}. Budgets: {o['budgets']}. Command: `{o['command']}`. Raw records:
 {', '.join(f'`{x}`' for x in o['sources'])}; `speed.json` and `speed.png` beside this. Ratio = flashinfer / TCA time
 (above 1: TCA faster); the speed issue's target in brackets.
 
 bs 1, `Engine.async_generate` streamed, median of 3 (TTFT: to the first token; decode: first to last of 128 tokens):
 
-| context | KV kept (TCA) | TTFT TCA (s) | TTFT flashinfer (s) | TTFT ratio | decode TCA (ms/token) | decode flashinfer (ms/token) | decode ratio |
-|---|---|---|---|---|---|---|---|
+| context | KV kept (TCA) | TTFT TCA (s) | TTFT flashinfer (s) | TTFT ratio | decode TCA (ms/token) | decode flashinfer (ms/token) | decode ratio | run |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 Batched decode (tokens/s while every request of the batch decodes):
 
-| batch | TCA | flashinfer | TCA / flashinfer |
-|---|---|---|---|
+| batch | TCA | flashinfer | TCA / flashinfer | run |
+|---|---|---|---|---|
 {batched}
 End to end, SGLang's `bench_serving` random-ids 32K in / 512 out, concurrency 8, against `launch.py`: {serving}
 
@@ -169,7 +188,8 @@ def _plot(o: dict, path: Path) -> None:
     ax.set_xticks(ns, [LABEL.get(n, str(n)) for n in ns])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("speed ratio (above 1: TCA faster)")
-    ax.set_title(f"TCA vs flashinfer, Llama-3.1-8B shape, {o['device']}, {o['date']}", fontsize=9)
+    dates = ", ".join(sorted({r["date"] for r in o["runs"]}))
+    ax.set_title(f"TCA vs flashinfer, Llama-3.1-8B shape, {o['device']}, {dates}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

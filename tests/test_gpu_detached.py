@@ -33,3 +33,21 @@ def test_a_detached_job_keeps_the_tree_it_started_with(tmp_path):
     assert "job ended, rc 3" in r.stdout, r.stdout + r.stderr
     assert (second / "seen").read_text() == "carried\n" and (second / "rc").read_text().strip() == "3"
     assert (second / "job.log").exists()
+
+
+def test_many_files_come_back_as_one_archive(tmp_path):
+    """A device call returns at most 8 files: a job that wrote more comes back as out.tgz (speed_runs.jsonl was
+    left out of a 9-file answer on 2026-12-03)."""
+    import tarfile
+
+    tree = tmp_path / "repo"
+    (tree / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "gpu_detached.sh", tree / "bench")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"DETACHED_DIR": str(tmp_path / "job"), "WAIT_S": "30"}
+    r = run(tree, out, env, "start", "bash", "-c", 'for i in 1 2 3 4 5 6 7 8 9; do echo $i > "$OUT/f$i"; done')
+    assert "job ended, rc 0" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["job.log", "out.tgz", "rc"]
+    with tarfile.open(out / "out.tgz") as t:
+        assert sorted(n for n in t.getnames() if "f" in n) == [f"./f{i}" for i in range(1, 10)]

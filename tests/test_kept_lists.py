@@ -93,13 +93,13 @@ def popcount(bits: int, block: int) -> int:
     return bin(bits & ((1 << block) - 1)).count("1")
 
 
-def run(rec, rows, lens, layer, max_len, block_tile=16, with_pos=True):
+def run(rec, rows, lens, layer, max_len, block_tile=16, with_pos=True, programs=None):
     last = torch.tensor(lens, device=DEV) - 1
     cap = max(sum(lens), 1) * rec.hkv
     kept_row = torch.full((cap,), POISON, dtype=torch.int32, device=DEV)
     kept_pos = torch.full((cap,), POISON, dtype=torch.int32, device=DEV) if with_pos else None
     indptr = kept_lists(rec.store, layer, rec.r2t.to(DEV), torch.tensor(rows, device=DEV), last, rec.window,
-                        kept_row, max_len, kept_pos, block_tile=block_tile)
+                        kept_row, max_len, kept_pos, block_tile=block_tile, programs=programs)
     return indptr.cpu(), kept_row.cpu(), None if kept_pos is None else kept_pos.cpu()
 
 
@@ -128,15 +128,17 @@ ROWS = [5, 0, 8, 2, 7, 1, 3, 6, 4, 12, 9, 10, 11]                          # out
 SHARED = {6: (0, 10), 11: (0, 2)}              # rows 6 and 11 start with row 0's first 10 / 2 blocks (cached prefix)
 
 
-@pytest.mark.parametrize("block_tile,extra", [(16, 0), (2, 0), (4, 37), (2, 10 ** 9)])   # max_len = longest,
-def test_kept_lists_match_the_records(block_tile, extra):                                  # longer, clamped
+@pytest.mark.parametrize("block_tile,extra,programs", [(16, 0, None), (2, 0, None), (4, 37, None), (2, 10 ** 9, None),
+                                                       (2, 0, 1), (2, 37, 3), (4, 10 ** 9, 2)])
+def test_kept_lists_match_the_records(block_tile, extra, programs):
     """Lengths from one token to many tiles per request (nb at, before and after tile edges), in every range,
-    rows out of order, shared prefixes, Hkv = 2; a max_len past the longest request adds tiles that are empty for
-    every request, and one past req_to_token's width is clamped to it."""
+    rows out of order, shared prefixes, Hkv = 2; a max_len past the longest request (longer, clamped) adds tiles that
+    are empty for every request, and one past req_to_token's width is clamped to it. programs < tiles: each program
+    loops over several tiles (one program for all, 3 with the last tile not on program 0, 2)."""
     rec = Records(LENS, ROWS, B, W, HKV, shared=SHARED, seed=block_tile + extra % 7)
     assert n_block_tiles(max(LENS), B, W, block_tile) >= (6 if block_tile == 2 else 1)   # many tiles
     for layer in (0, 2):
-        indptr, kept_row, kept_pos = run(rec, ROWS, LENS, layer, max(LENS) + extra, block_tile)
+        indptr, kept_row, kept_pos = run(rec, ROWS, LENS, layer, max(LENS) + extra, block_tile, programs=programs)
         check(rec, ROWS, LENS, layer, indptr, kept_row, kept_pos)
         sizes = indptr.diff().view(len(LENS), HKV).sum(1)
         assert sizes[[0, 9]].sum() == 0                                 # shorter than a block: nothing listed

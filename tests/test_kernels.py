@@ -214,6 +214,17 @@ def test_tile_shapes_and_gqa4(block_m, block_n):
     torch.testing.assert_close(out, batch.expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("block_m,splits", [(16, 1), (16, 3), (64, 2)])
+def test_dense_keys_every_row_sees_run_unmasked(block_m, splits):
+    """block_n 16 < the window: each tile's dense keys that all its rows see (ds_last .. first query) fill whole
+    unmasked steps between masked ones, also when KV splits cut the list anywhere; poisoned rows stay unread."""
+    hq, hkv, d = 6, 2, 32
+    thr = hetero_thresholds(P, hq, hkv, d, seed=9)
+    batch = make_batch(MIXED, P, hq, hkv, d, torch.float32, thr, seed=9)
+    out = tca_sparse_attention(**batch.args, block_m=block_m, block_n=16, num_kv_splits=splits)
+    torch.testing.assert_close(out, batch.expected, atol=2e-5, rtol=2e-5)
+
+
 def test_keep_all_equals_dense_causal():
     hq, hkv, d = 4, 2, 32
     batch = make_batch(MIXED, P, hq, hkv, d, torch.float32, keep_all_thresholds(P, hkv), seed=3)

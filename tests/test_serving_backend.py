@@ -102,6 +102,7 @@ class Harness:
             params=CacheInitParams(disable=not radix, req_to_token_pool=self.r2t_pool,
                                    token_to_kv_pool_allocator=self.alloc, page_size=B),
             disable_radix_cache=not radix))
+        self.tree.full_check_after_s = 0.0                 # every check() here checks in full (the server waits 1 s)
         runner = SimpleNamespace(req_to_token_pool=self.r2t_pool, token_to_kv_pool=self.pool,
                                  token_to_kv_pool_allocator=self.alloc, sliding_window_size=None, page_size=B,
                                  model_config=mc, device="cpu", gpu_id=0, server_args=self.sa,
@@ -348,6 +349,35 @@ def test_the_idle_check_runs_once_per_state_and_again_after_a_change(harness, mo
     assert len(calls) == 1 and len(calls[0][0]) == 200 // B                # idle: checked against the cached pages
     h.store.release(cached_logical_pages(h.tree)[:1])
     with pytest.raises(AssertionError, match="cached logical pages without a record"):
+        h.tree.sanity_check()
+
+
+def test_the_full_idle_check_waits_until_the_state_has_held(harness, monkeypatch):
+    """Back-to-back requests leave the server idle for moments: a new state gets only the O(1) page count (which
+    still catches pages that went missing), the full check once the state has held for full_check_after_s."""
+    import sglang_tca.serving.radix as radix
+
+    h = harness()
+    h.tree.full_check_after_s = 1.0
+    clock = [100.0]
+    monkeypatch.setattr(radix.time, "monotonic", lambda: clock[0])
+    a = h.new_request(ids(5, 200))
+    h.extend([a], [200])
+    h.finish(a)
+    calls = []
+    check = h.store.check
+    monkeypatch.setattr(h.store, "check", lambda *args: (calls.append(args), check(*args)))
+    h.tree.sanity_check()
+    clock[0] += 0.5
+    h.tree.sanity_check()
+    assert calls == []                                                 # not yet: the state is 0.5 s old
+    clock[0] += 0.6
+    h.tree.sanity_check()
+    h.tree.sanity_check()
+    assert len(calls) == 1                                             # once, after 1.1 s; not again
+    h.store._pop(1)                                                    # a page goes missing: a new state ...
+    h.store.version += 1
+    with pytest.raises(AssertionError, match="free .* != "):           # ... and the count catches it at once
         h.tree.sanity_check()
 
 

@@ -81,3 +81,23 @@ def test_a_failed_record_is_skipped(tmp_path):
             {"part": "engine", "backend": "flashinfer", "error": "RuntimeError: boom"}]
     got = report([write(tmp_path / "r.jsonl", recs)], tmp_path / "out")
     assert got["contexts"]["1024"]["ttft_ratio"] == pytest.approx(2.0)
+
+
+def test_a_shorter_later_run_replaces_only_the_rows_it_measured(tmp_path):
+    full = write(tmp_path / "a.jsonl", [engine_rec("tca", 0.1, 10.0, 2000.0), engine_rec("flashinfer", 0.2, 12.0, 1000.0)])
+    part = [engine_rec(b, t, 10.0, tok) for b, t, tok in (("tca", 0.3, 1500.0), ("flashinfer", 0.15, 3000.0))]
+    for r in part:
+        r["date"] = "2026-12-03"
+        r["contexts"] = {"1024": r["contexts"]["1024"]}
+        r["batched"] = {"32x4096": r["batched"]["32x4096"]}
+    later = write(tmp_path / "b.jsonl", part)
+    got = report([full, later], tmp_path / "out")
+    assert got["contexts"]["1024"]["ttft_ratio"] == pytest.approx(0.5)            # from the later run
+    assert got["contexts"]["1024"]["run"]["source"].endswith("b.jsonl")
+    assert got["contexts"]["32768"]["ttft_ratio"] == pytest.approx(2.0)           # kept from the full one
+    assert got["contexts"]["32768"]["run"]["date"] == "2026-12-02"
+    assert got["batched"]["32x4096"]["ratio"] == pytest.approx(0.5)
+    assert got["batched"]["16x32768"]["ratio"] == pytest.approx(2.0)
+    assert [r["date"] for r in got["runs"]] == ["2026-12-02", "2026-12-03"]
+    md = (tmp_path / "out" / "speed.md").read_text()
+    assert "| 1K | 0.4 | 0.300 | 0.150 | **0.50** (missed: >= 0.95) |" in md and "| 2026-12-03 |" in md

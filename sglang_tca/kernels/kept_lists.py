@@ -9,14 +9,17 @@ the CSR triple (kept_indptr [bs*Hkv+1], kept_row, and optionally kept_pos: ascen
 `tca_sparse_attention` reads, in (request, head) order. Every listed block must already be compacted (this layer's
 new records are compacted before the lists are built).
 
-The work is parallel over tiles of `block_tile` blocks: a grid (n_tiles, bs, Hkv), n_tiles from the host-side bound
-`max_len` (an int >= last_pos + 1 of every request: the context length in decode, the batch's longest sequence in
-extend). Three launches with no host synchronisation, so decode CUDA graphs capture it:
-  1. count: each program stores its tile's number of kept tokens (0 past the request's last block) in a flat
+The work is parallel over tiles of `block_tile` blocks: n_tiles per (request, head) from the host-side bound `max_len`
+(an int >= last_pos + 1 of every request: the context length in decode, the batch's longest sequence in extend), on a
+grid (programs, bs, Hkv) where each program loops over every programs-th tile. Decode CUDA graphs bound by the
+context length, so a large batch of short requests would otherwise launch mostly empty programs (128 x 16K requests
+under a 128K context: 9 of 10); `programs` keeps the grid near the GPU's resident capacity. Three launches with no
+host synchronisation, so decode CUDA graphs capture it:
+  1. count: each program stores each of its tiles' number of kept tokens (0 past the request's last block) in a flat
      [bs*Hkv*n_tiles] int32 buffer, ordered (request, head, tile);
   2. torch.cumsum of that buffer: the (inclusive) end of every tile's run;
-  3. write: each program writes its tile's rows (and positions) at its start offset (end - count, in-tile
-     tl.cumsum), and the tile-0 / last-tile programs fill kept_indptr.
+  3. write: each program writes its tiles' rows (and positions) at their start offsets (end - count, in-tile
+     tl.cumsum), and the programs of tile 0 / the last tile fill kept_indptr.
 max_len is clamped to req_to_token's row length, which bounds every position, so passing that is always safe.
 kept_row / kept_pos are caller-allocated with a capacity that bounds the total (e.g. sum of lengths x Hkv).
 """
@@ -25,6 +28,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from sglang_tca.kernels.sparse_attention import sm_count
+
+PROGRAMS_PER_SM = 16       # default grid of one launch: about this many programs per SM (all resident at once)
 
 
 @triton.jit
@@ -77,51 +84,57 @@ def _n_blocks(last_pos, r, window, BLOCK: tl.constexpr):
 
 @triton.jit
 def _kept_count_kernel(mask, off, page_table, req_to_token, block_pages, req_pool_indices, last_pos, counts, layer,
-                       n_layers, stride_r2t, stride_bp, stride_pt, window, n_tiles, HKV: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr):
-    t = tl.program_id(0)
+                       n_layers, stride_r2t, stride_bp, stride_pt, window, n_tiles, n_progs, tiles_per_prog,
+                       HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
+                       PAGES_TABLE: tl.constexpr):
+    p = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
-    idx = (r * HKV + h).to(tl.int64) * n_tiles + t
+    base = (r * HKV + h).to(tl.int64) * n_tiles
     nb = _n_blocks(last_pos, r, window, BLOCK)
-    t0 = t.to(tl.int64) * BLOCK_B
-    total = 0
-    if t0 <= nb:
-        row = tl.load(req_pool_indices + r).to(tl.int64)
-        keep, _, _, _ = _block_keep(mask, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb, stride_r2t,
-                                    stride_bp, HKV, BLOCK, BLOCK_B, PAGES_TABLE)
-        total = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK]), 0)
-    tl.store(counts + idx, total)
+    row = tl.load(req_pool_indices + r).to(tl.int64)
+    for k in range(0, tiles_per_prog):
+        t = p + k * n_progs                                  # this program's tiles: p, p + n_progs, ...
+        if t < n_tiles:
+            t0 = t.to(tl.int64) * BLOCK_B
+            total = 0
+            if t0 <= nb:
+                keep, _, _, _ = _block_keep(mask, req_to_token, block_pages, r, row, h, layer, n_layers, t0, nb,
+                                            stride_r2t, stride_bp, HKV, BLOCK, BLOCK_B, PAGES_TABLE)
+                total = tl.sum(tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK]), 0)
+            tl.store(counts + base + t, total)
 
 
 @triton.jit
 def _kept_write_kernel(mask, off, page_table, req_to_token, block_pages, req_pool_indices, last_pos, counts, ends,
                        kept_indptr, kept_row, kept_pos, layer, n_layers, stride_r2t, stride_bp, stride_pt, window,
-                       n_tiles, HKV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, ROWS: tl.constexpr,
-                       PAGES_TABLE: tl.constexpr, WITH_POS: tl.constexpr):
-    t = tl.program_id(0)
+                       n_tiles, n_progs, tiles_per_prog, HKV: tl.constexpr, BLOCK: tl.constexpr,
+                       BLOCK_B: tl.constexpr, ROWS: tl.constexpr, PAGES_TABLE: tl.constexpr, WITH_POS: tl.constexpr):
+    p = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
     rh = r * HKV + h
-    idx = rh.to(tl.int64) * n_tiles + t
-    end = tl.load(ends + idx)                                # inclusive cumsum: this tile's run ends here
-    if t == 0:
-        tl.store(kept_indptr + rh, end - tl.load(counts + idx))
-    if t == n_tiles - 1:
-        tl.store(kept_indptr + rh + 1, end)                  # the next (request, head)'s start; the total at the end
+    base = rh.to(tl.int64) * n_tiles
+    if p == 0:
+        tl.store(kept_indptr + rh, tl.load(ends + base) - tl.load(counts + base))
+    if p == (n_tiles - 1) % n_progs:
+        tl.store(kept_indptr + rh + 1, tl.load(ends + base + n_tiles - 1))   # the next (request, head)'s start
     nb = _n_blocks(last_pos, r, window, BLOCK)
-    t0 = t.to(tl.int64) * BLOCK_B
-    if t0 <= nb:
-        out = end.to(tl.int64) - tl.load(counts + idx)
-        row = tl.load(req_pool_indices + r).to(tl.int64)
-        keep, rows, pos = _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer, n_layers,
-                                      t0, nb, stride_r2t, stride_bp, stride_pt, HKV, BLOCK, BLOCK_B, ROWS,
-                                      PAGES_TABLE)
-        k1 = tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK])
-        dest = out + tl.cumsum(k1, 0) - 1
-        tl.store(kept_row + dest, tl.reshape(rows, [BLOCK_B * BLOCK]).to(tl.int32), mask=k1 != 0)
-        if WITH_POS:
-            tl.store(kept_pos + dest, tl.reshape(pos, [BLOCK_B * BLOCK]).to(tl.int32), mask=k1 != 0)
+    row = tl.load(req_pool_indices + r).to(tl.int64)
+    for k in range(0, tiles_per_prog):
+        t = p + k * n_progs
+        t0 = t.to(tl.int64) * BLOCK_B
+        if (t < n_tiles) & (t0 <= nb):
+            idx = base + t
+            out = tl.load(ends + idx).to(tl.int64) - tl.load(counts + idx)   # inclusive cumsum: the run's end
+            keep, rows, pos = _block_tile(mask, off, page_table, req_to_token, block_pages, r, row, h, layer,
+                                          n_layers, t0, nb, stride_r2t, stride_bp, stride_pt, HKV, BLOCK, BLOCK_B,
+                                          ROWS, PAGES_TABLE)
+            k1 = tl.reshape(keep.to(tl.int32), [BLOCK_B * BLOCK])
+            dest = out + tl.cumsum(k1, 0) - 1
+            tl.store(kept_row + dest, tl.reshape(rows, [BLOCK_B * BLOCK]).to(tl.int32), mask=k1 != 0)
+            if WITH_POS:
+                tl.store(kept_pos + dest, tl.reshape(pos, [BLOCK_B * BLOCK]).to(tl.int32), mask=k1 != 0)
 
 
 def n_block_tiles(max_len: int, block: int, window: int, block_tile: int) -> int:
@@ -133,12 +146,14 @@ def n_block_tiles(max_len: int, block: int, window: int, block_tile: int) -> int
 def kept_lists(store, layer: int, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                last_pos: torch.Tensor, window: int, kept_row: torch.Tensor, max_len: int,
                kept_pos: torch.Tensor | None = None, block_tile: int = 16,
-               block_pages: torch.Tensor | None = None) -> torch.Tensor:
+               block_pages: torch.Tensor | None = None, programs: int | None = None) -> torch.Tensor:
     """Fill kept_row (int32 arena rows) and, when given, kept_pos (int32 positions) for `layer` of a
     `CompressedStore`; last_pos [bs] = position of each request's last query; max_len a host int >= last_pos + 1
     of every request (sets the grid; larger only adds empty tiles). block_pages [bs, >= blocks] (optional): the
     requests' logical pages per block, read instead of req_to_token (decode CUDA graphs: SGLang's scheduler may
-    rewrite req_to_token while a graph replays). Returns kept_indptr [bs*Hkv+1] int32."""
+    rewrite req_to_token while a graph replays). programs: programs per (request, head), each looping over every
+    programs-th tile (default: one per tile, at most about PROGRAMS_PER_SM x SMs in all on CUDA). Returns
+    kept_indptr [bs*Hkv+1] int32."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"max_len must be a positive int (an upper bound on last_pos + 1), got {max_len!r}")
     if block_tile <= 0 or block_tile & (block_tile - 1):
@@ -151,14 +166,17 @@ def kept_lists(store, layer: int, req_to_token: torch.Tensor, req_pool_indices: 
     if bs == 0:
         return kept_indptr.zero_()
     n_tiles = n_block_tiles(max_len, block, window, block_tile)
+    if programs is None:
+        programs = n_tiles if dev.type != "cuda" else triton.cdiv(PROGRAMS_PER_SM * sm_count(dev), bs * hkv)
+    n_progs = max(1, min(int(programs), n_tiles))
     counts = torch.empty(bs * hkv * n_tiles, dtype=torch.int32, device=dev)
     ends = torch.empty_like(counts)
-    grid = (n_tiles, bs, hkv)
+    grid = (n_progs, bs, hkv)
     pages_table = block_pages is not None
     common = dict(layer=layer, n_layers=store.mask.shape[1], stride_r2t=req_to_token.stride(0),
                   stride_bp=block_pages.stride(0) if pages_table else 0, stride_pt=store.page_table.stride(0),
-                  window=window, n_tiles=n_tiles, HKV=hkv, BLOCK=block, BLOCK_B=block_tile,
-                  ROWS=store.plan.page_rows, PAGES_TABLE=pages_table)
+                  window=window, n_tiles=n_tiles, n_progs=n_progs, tiles_per_prog=triton.cdiv(n_tiles, n_progs),
+                  HKV=hkv, BLOCK=block, BLOCK_B=block_tile, ROWS=store.plan.page_rows, PAGES_TABLE=pages_table)
     bp = block_pages if pages_table else req_to_token
     _kept_count_kernel[grid](store.mask, store.off, store.page_table, req_to_token, bp, req_pool_indices, last_pos,
                              counts, **common)

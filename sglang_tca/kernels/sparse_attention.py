@@ -43,7 +43,9 @@ compressed blocks and a longer dense range). The number of kept entries a tile m
 two-level vectorised search over the sorted positions (two dependent loads), so the work per query is
 O(kept + w + BLOCK_Q), never O(i). Kept keys that every row of the tile sees (all of them below the first query's
 dense start, once the first query is past the sink) are processed first without per-element masks (2x faster
-prefill on H100). For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by
+prefill on H100), and in extend so are the dense keys every row sees (from the last query's dense start to the first
+query; TTFT 16K 0.594 -> 0.496 s, 32K 1.196 -> 1.077 s through the engine on an H200; decode keeps its two loops:
+the extra ranges made it slower, `bench/results/speed.md`). For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by
 a small log-sum-exp merge kernel (like SGLang's decode stage 2).
 
 No host synchronisation: the grid only needs Python ints (max_q_len; default T, always an upper bound).
@@ -88,12 +90,20 @@ def _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_
                dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row, dense_base, num_kv_heads,
                qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d, offs_dv, mask_d, mask_dv,
                BLOCK: tl.constexpr, MASKED: tl.constexpr, WITH_POS: tl.constexpr, DENSE_TABLE: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, DENSE: tl.constexpr):
     """One BLOCK_N step of the virtual key list [kept | dense] with online softmax. MASKED=False: every column is a
-    kept key that all rows see (no per-element masks)."""
+    key that all rows see (no per-element masks), a kept key, or with DENSE a dense one."""
     vi = start + offs_n
     in_kept = vi < sk
-    if MASKED:
+    if DENSE:
+        dpos = ds_first + (vi - sk)
+        if DENSE_TABLE:
+            dslot = tl.load(dslots_row + (dpos - dslots_first))
+        else:
+            dslot = tl.load(L2D + tl.load(r2t_row + dpos).to(tl.int64))
+        row = dense_base + dslot * num_kv_heads + h
+        k = tl.load(K_Arena + row[None, :] * stride_row + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+    elif MASKED:
         col_valid = vi < v_hi
         krow = tl.load(kept_row_base + vi, mask=in_kept, other=0).to(tl.int64)
         if WITH_POS:
@@ -244,17 +254,49 @@ def _tca_fwd_kernel(
     if WITH_POS:
         if ds_first < ds_last:
             n_kept_first = _count_below(kept_pos_base, (kend - kbeg).to(tl.int32), ds_first, SEARCH_SAMPLE)
+    # Likewise, in extend, the dense keys every row sees: positions ds_last .. first_pos (at or past every row's
+    # dense start, causal for every row). The virtual list, within this program's [v_lo, v_hi), is walked as
+    # [v_lo, a) kept unmasked, then the rest.
     nomask_end = tl.where(first_pos >= BLOCK - 1, (n_kept_first // BLOCK_N) * BLOCK_N, 0)
-    for start in range(v_lo, tl.minimum(v_hi, nomask_end), BLOCK_N):
+    a = tl.minimum(tl.maximum(nomask_end, v_lo), v_hi)
+    for start in range(v_lo, a, BLOCK_N):
         acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
                                    r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
                                    dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d,
-                                   offs_dv, mask_d, mask_dv, BLOCK, False, WITH_POS, DENSE_TABLE, IEEE)
-    for start in range(tl.maximum(v_lo, nomask_end), v_hi, BLOCK_N):
-        acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
-                                   r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
-                                   dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n, offs_d,
-                                   offs_dv, mask_d, mask_dv, BLOCK, True, WITH_POS, DENSE_TABLE, IEEE)
+                                   offs_dv, mask_d, mask_dv, BLOCK, False, WITH_POS, DENSE_TABLE, IEEE, False)
+    if WITH_POS:
+        # extend: the rest in three ranges [a, b) masked | [b, c) dense unmasked, whole steps | [c, v_hi) masked
+        dense_all = sk + tl.maximum(ds_last - ds_first, 0)                  # virtual index of position ds_last
+        n_dense_all = tl.maximum(first_pos + 1 - tl.maximum(ds_last, ds_first), 0)
+        b = tl.minimum(tl.maximum(dense_all, a), v_hi)
+        c = tl.minimum(b + tl.maximum((dense_all + n_dense_all - b) // BLOCK_N, 0) * BLOCK_N, v_hi)
+        c = tl.maximum(b + ((c - b) // BLOCK_N) * BLOCK_N, b)
+        for start in range(a, b, BLOCK_N):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, b, sk, ds_first, kept_row_base, kept_pos_base,
+                                       r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                       dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n,
+                                       offs_d, offs_dv, mask_d, mask_dv, BLOCK, True, WITH_POS, DENSE_TABLE, IEEE,
+                                       False)
+        for start in range(b, c, BLOCK_N):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, c, sk, ds_first, kept_row_base, kept_pos_base,
+                                       r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                       dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n,
+                                       offs_d, offs_dv, mask_d, mask_dv, BLOCK, False, WITH_POS, DENSE_TABLE, IEEE,
+                                       True)
+        for start in range(c, v_hi, BLOCK_N):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
+                                       r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                       dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n,
+                                       offs_d, offs_dv, mask_d, mask_dv, BLOCK, True, WITH_POS, DENSE_TABLE, IEEE,
+                                       False)
+    else:
+        # decode (one query per request): the rest masked; unmasked dense steps made it slower (H200, 2026-12-03)
+        for start in range(a, v_hi, BLOCK_N):
+            acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, v_hi, sk, ds_first, kept_row_base, kept_pos_base,
+                                       r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,
+                                       dense_base, num_kv_heads, qpos, ds_row, row_valid, sm_scale_log2, offs_n,
+                                       offs_d, offs_dv, mask_d, mask_dv, BLOCK, True, WITH_POS, DENSE_TABLE, IEEE,
+                                       False)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -292,14 +334,14 @@ def _tca_merge_kernel(
     tl.store(O + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_dv, res.to(O.dtype.element_ty), mask=mdv)
 
 
-_SM_COUNT: dict = {}
+SM_COUNT_CACHE: dict = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    if idx not in SM_COUNT_CACHE:
+        SM_COUNT_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return SM_COUNT_CACHE[idx]
 
 
 def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.Tensor, dense_base: int,
@@ -360,7 +402,7 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
         # H100 sweep (bench/kernel_bench.py, 32K, bs 1/16): decode wants ~8 programs per SM; prefill has plenty
         if on_gpu:
             progs = bs * Hkv * q_tiles
-            num_kv_splits = max(1, min(32, triton.cdiv(8 * _sm_count(q.device), max(progs, 1)))) if rows <= 64 else 1
+            num_kv_splits = max(1, min(32, triton.cdiv(8 * sm_count(q.device), max(progs, 1)))) if rows <= 64 else 1
         else:
             num_kv_splits = 1
     num_kv_splits = max(1, int(num_kv_splits))

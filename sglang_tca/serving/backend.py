@@ -245,7 +245,8 @@ class TCAAttnBackend(TritonAttnBackend):
                                      self.num_kv_head, self.l2d, self.req_to_token, rows, fb.extend_prefix_lens[a:b],
                                      indptr, kept_indptr, self._kept_row, self._kept_pos, self.block, self.window,
                                      layer.scaling, out=ov[t0:t1], max_q_len=max_q)
-                counts.append(kept_indptr.diff())
+                if self._stats_path:
+                    counts.append(kept_indptr.diff())
             if self._stats_path:
                 kept_indptr = torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
         if self._stats_path:

@@ -16,11 +16,12 @@ What this gives, unchanged from SGLang's hybrid-SWA semantics:
 Both caches report the free logical ids the allocator holds back for the store (`store_held_tokens`) as held, so
 SGLang's conservation check (free + evictable + protected + held == total) still counts every logical id;
 `sanity_check` adds the store's own invariants (no page lost or doubly owned; at idle, a record exactly for every
-cached logical page).
+cached logical page), in full once a state has held for a second.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
@@ -40,7 +41,10 @@ class TCAChunkCache(_StoreHeld, SWAChunkCache):
 
 
 class TCARadixCache(_StoreHeld, UnifiedRadixCache):
-    _checked = None                   # the state the last sanity check passed in (`_state`)
+    full_check_after_s = 1.0          # the full check waits until the state has been unchanged this long
+    _checked = None                   # the state the last full check passed in (`_state`)
+    _seen = None                      # the state of the last call, and since when it holds
+    _seen_since = 0.0
 
     def _state(self) -> tuple:
         """What changes whenever the tree or the store does: the store's version and the tree's size counters."""
@@ -49,13 +53,22 @@ class TCARadixCache(_StoreHeld, UnifiedRadixCache):
 
     def sanity_check(self):
         """SGLang's tree check and the store's. SGLang calls this on every pass of its idle event loop (for hybrid-SWA
-        caches, which TCA's is), so a state that already passed is not checked again: with millions of store pages
-        a check takes tens of milliseconds, which a request arriving at an idle server would wait for."""
+        caches, which TCA's is). With millions of store pages the full check takes tens of milliseconds, which a
+        request arriving at that moment would wait for (back-to-back requests always did: their server goes idle
+        between them). So a new state gets the store's O(1) page count at once, and the full check (tree, every
+        page, records against the cached pages) once it has been unchanged for `full_check_after_s`; a state that
+        passed is not checked again."""
         state = self._state()
         if state == self._checked:
             return
-        super().sanity_check()
         store = self.token_to_kv_pool_allocator.store
+        now = time.monotonic()
+        if state != self._seen:
+            self._seen, self._seen_since = state, now
+        if now - self._seen_since < self.full_check_after_s:
+            store.check_counts()
+            return
+        super().sanity_check()
         if self.protected_size() == 0 and not store.pending:        # idle: the tree holds every live record
             store.check(cached_logical_pages(self))
         else:

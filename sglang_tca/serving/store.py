@@ -168,7 +168,11 @@ class CompressedStore:
         (on the current stream; `settle` waits for it)."""
         if pending is None:
             return
-        idx = torch.as_tensor(pending.slots, dtype=torch.int64, device=self.device)
+        idx = torch.as_tensor(pending.slots, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # pinned and non-blocking: a blocking host->device copy would wait for the whole forward here, so the
+            # host could not prepare the next batch while the GPU runs this one
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
         pages, rows = self.out_page.index_select(0, idx), self.out_rows.index_select(0, idx)
         if self.device.type == "cuda":
             hp = torch.empty(pages.shape, dtype=pages.dtype, pin_memory=True)
@@ -259,6 +263,13 @@ class CompressedStore:
         return max(min(worst, self._capacity(plan.heap_pages - 1, 0, 0) - self.block), 0)     # of the empty store
 
     # -- checks -----------------------------------------------------------------------------------------------------
+    def check_counts(self) -> None:
+        """The O(1) part of `check`: free, recorded and reserved pages add up to the store."""
+        total = self.plan.heap_pages - 1
+        assert self.free_pages + self.record_pages + self.reserved_pages == total, \
+            f"TCA store pages: {self.free_pages} free + {self.record_pages} in records + {self.reserved_pages} " \
+            f"reserved != {total}"
+
     def check(self, live_logical_pages: np.ndarray | None = None) -> None:
         """Raise AssertionError when pages are lost or doubly owned; with `live_logical_pages` (at idle: the pages the
         radix cache holds), also when a live record is not among them or a held full page has no record."""
@@ -267,9 +278,7 @@ class CompressedStore:
         reserved = [r for p in self.pending for r in p.reserved]
         assert self._record_pages == sum(len(r) for r in records) and \
             self._reserved_pages == sum(len(r) for r in reserved), "TCA store: page counters drifted"
-        owned = self.free_pages + self.record_pages + self.reserved_pages
-        assert owned == total, f"TCA store pages: {self.free_pages} free + {self.record_pages} in records + " \
-                               f"{self.reserved_pages} reserved != {total}"
+        self.check_counts()
         seen = np.bincount(np.concatenate([self.free, *records, *reserved]).astype(np.int64),
                            minlength=self.plan.heap_pages)
         assert len(seen) == self.plan.heap_pages and seen[0] == 0 and (seen[1:] == 1).all(), \
