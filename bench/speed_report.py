@@ -120,6 +120,24 @@ NOTES = {
   table (H200, SGLang's own pool, the torch selection) decode moved from 0.58 to 0.92 at 1K, 0.64 to 0.95 at 32K and
   0.79 to 1.13 at 127K; TTFT from 0.29 to 0.80 at 1K, but from 2.28 down to 1.95 at 127K (not separated here: this
   run's prompt is 130,048 tokens against 126K there, and prefill now also compacts every block into the store).""",
+    "h200_2026-12-03.jsonl": """Reading the 2026-12-03 rows (1K-32K and 32 x 4K only: the session's device time;
+  command: `SKIP_GPU_TESTS=1 DEADLINE_S=900 bash bench/gpu_llama8b.sh bench/speed_bench.py engine --contexts 1024 4096
+  16384 32768 --batched 32x4096`, inside one `bench/gpu_detached.sh` job with the profile and kernel runs of
+  `speed_runs/h200_2026-12-03_*`). Code: commit 94b4aa2 except the attention kernel's decode path, which in this run
+  also walked the extend path's four ranges; the A/B after it (`speed_runs/h200_2026-12-03_ab_attention.txt`) showed
+  that 5-30 us per layer slower (4K bs 1: 13.9 -> 19.2 us), and 94b4aa2 gives decode its two loops back (not re-timed
+  through the engine: no device time was left). So this run's decode ratios (1K 0.87, 4K 0.88, 32K 0.95; 32 x 4K
+  0.91) understate the committed code's; 2026-12-02's (0.92, 0.92, 0.95; 0.93) ran its decode loops.
+  TTFT from 16K up gained with the extend kernel's unmasked dense steps: 16K 0.89 -> 1.06, 32K 1.22 -> 1.34 (each
+  ratio from its own day's run; `h200_2026-12-03_prefill_kernel.txt`: the kernel alone 2.27x SDPA flash at 32K, 1.05x
+  at 4K). At 1K and 4K TCA's medians are disturbed: its samples were 0.086 / 0.074 / 0.045 s and 0.139 / 0.138 /
+  0.107 s (2026-12-02 had 0.117 at 1K and 0.197 at 4K among them), flashinfer's never left 0.027-0.042 and
+  0.097-0.101 s. The likely cause: a request sent as soon as the previous one ended waited for the full store check
+  that SGLang's idle loop ran on the new state (tens of ms at the store's 2.7M pages); since 94b4aa2 that check waits
+  until a state has held 1 s (not re-measured). The same job's profile (`h200_2026-12-03_profile_b.txt`: one engine per
+  backend, prompts streamed one by one, median of 3) measured TTFT 35.0 vs 29.3 ms at 1K (0.84) and 108.1 vs 103.5
+  ms at 4K (0.96); there TCA's prefill runs 1.5x the kernels (SGLang's Triton extend 2.4 ms per 1K prompt against
+  FlashInfer's 1.0 + 0.3 ms, the selection, compaction and their index ops), so at 1K the gap is GPU work.""",
 }
 
 
