@@ -8,13 +8,15 @@ REPEATS fresh random prompts (max_new_tokens 1, unprofiled, median), then PROFIL
 `Engine.start_profile` (CPU + GPU activities) / `stop_profile`. Every prompt is streamed with NEW_TOKENS new tokens
 and TTFT is the time to its first token. From each trace, per prompt (prefill and one decode step): GPU kernel time
 (sum of kernel durations), the time the GPU was busy (union), kernels launched, the CUDA runtime calls the host spent
-most time in, and the kernels by name. TTFT minus what the prefill's kernels take is what the host side (scheduling,
+most time in, and the kernels by name; with --with-stack also which sglang / sglang_tca Python frames made the
+synchronising calls (cudaDeviceSynchronize, stream and event synchronisations, copies) and how long they waited. TTFT minus what the prefill's kernels take is what the host side (scheduling,
 Python, synchronisations, launches not hidden behind GPU work) adds.
 Writes DIR/profile_prefill.json and prints a table per context length, TCA's top kernels next to flashinfer's.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import random
@@ -42,9 +44,10 @@ def kernel_summary(trace_dir: Path, prompts: int) -> dict:
     files = sorted(p for p in trace_dir.rglob("*") if p.name.endswith((".json", ".json.gz")))
     if not files:
         raise RuntimeError(f"no profiler trace under {trace_dir}")
-    by_name, runtime, spans, total = Counter(), Counter(), [], 0.0
+    by_name, runtime, spans, total, waits = Counter(), Counter(), [], 0.0, Counter()
     for f in files:
         data = json.loads((gzip.open if f.name.endswith(".gz") else open)(f, "rt").read())
+        frames, syncs = {}, []
         for e in data.get("traceEvents", []):
             if e.get("ph") != "X":
                 continue
@@ -54,6 +57,14 @@ def kernel_summary(trace_dir: Path, prompts: int) -> dict:
                 spans.append((e["ts"], e["ts"] + e.get("dur", 0.0)))
             elif e.get("cat") == "cuda_runtime":
                 runtime[e["name"]] += e.get("dur", 0.0)
+                if e["name"] in WAITS:
+                    syncs.append(e)
+            elif e.get("cat") == "python_function":
+                frames.setdefault((e.get("pid"), e.get("tid")), []).append(
+                    (e["ts"], e["ts"] + e.get("dur", 0.0), e["name"]))
+        threads = {k: _Frames(v) for k, v in frames.items()}
+        for e in syncs:                                   # with --with-stack: who waited
+            waits[threads.get((e.get("pid"), e.get("tid")), _Frames([])).caller(e)] += e.get("dur", 0.0)
     busy, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         busy += max(b - max(a, end), 0.0)
@@ -62,10 +73,31 @@ def kernel_summary(trace_dir: Path, prompts: int) -> dict:
     return {"files": [f.name for f in files], "gpu_ms_per_prompt": per(total), "gpu_busy_ms_per_prompt": per(busy),
             "kernels_per_prompt": round(len(spans) / prompts, 1),
             "runtime_top": [(n, per(us)) for n, us in runtime.most_common(6)],
+            "waits_top": [(n, per(us)) for n, us in waits.most_common(8)],
             "top": [(n, per(us)) for n, us in by_name.most_common(TOP)]}
 
 
-def profile_backend(backend: str, contexts: list[int], out: Path) -> dict:
+WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+class _Frames:
+    """One thread's python_function events (start, end, name), sorted by start, for enclosing-frame lookups."""
+
+    def __init__(self, frames):
+        self.frames = sorted(frames)
+        self.starts = [f[0] for f in self.frames]
+
+    def caller(self, e: dict, depth: int = 2, look_back: int = 20000) -> str:
+        """The innermost `depth` frames of sglang or sglang_tca that enclose the runtime call e, innermost first;
+        "?" without any (a trace taken without --with-stack)."""
+        t0, t1 = e["ts"], e["ts"] + e.get("dur", 0.0)
+        last = bisect.bisect_right(self.starts, t0) - 1
+        names = [n for a, b, n in (self.frames[i] for i in range(last, max(last - look_back, -1), -1))
+                 if b >= t1 and "sglang" in n]
+        return " < ".join(names[:depth]) or "?"
+
+
+def profile_backend(backend: str, contexts: list[int], out: Path, with_stack: bool = False) -> dict:
     from sglang_tca.config import TCAConfig
     from sglang_tca.engine import Engine
 
@@ -94,7 +126,7 @@ def profile_backend(backend: str, contexts: list[int], out: Path) -> dict:
             prefill(n)                                                   # warm-up of the shape
             ttft = [prefill(n) for _ in range(REPEATS)]
             trace_dir = out / f"trace_{backend}_{n}"
-            eng.start_profile(output_dir=str(trace_dir), activities=["CPU", "GPU"])
+            eng.start_profile(output_dir=str(trace_dir), activities=["CPU", "GPU"], with_stack=with_stack)
             for _ in range(PROFILED):
                 prefill(n)
             eng.stop_profile()
@@ -116,6 +148,9 @@ def table(results: dict, n: str) -> str:
         lines.append(f"  {b}: TTFT {x['ttft_s'] * 1000:.1f} ms; per prompt GPU kernels {x['gpu_ms_per_prompt']:.2f} ms"
                      f" (busy {x['gpu_busy_ms_per_prompt']:.2f} ms, {x['kernels_per_prompt']:.0f} launches); host "
                      "runtime calls: " + ", ".join(f"{n} {ms:.2f}" for n, ms in x["runtime_top"]))
+        for name, ms in x.get("waits_top", []):
+            if name != "?":
+                lines.append(f"      waited {ms:8.3f} ms  {name[:140]}")
         for name, ms in x["top"]:
             lines.append(f"      {ms:8.3f} ms  {name}")
     return "\n".join(lines)
@@ -128,6 +163,8 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--backends", nargs="+", default=["tca", "flashinfer"])
     ap.add_argument("--out", default="/tmp/profile_prefill")
+    ap.add_argument("--with-stack", action="store_true",
+                    help="record Python frames: the summary then names who waited in each synchronising call")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +172,7 @@ def main():
     results = {}
     for b in a.backends:
         try:
-            results[b] = profile_backend(b, a.contexts, out)
+            results[b] = profile_backend(b, a.contexts, out, a.with_stack)
         except Exception as e:                           # keep the other backend's numbers
             results[b] = {"error": f"{type(e).__name__}: {e}"}
             print(f"[profile] {b} failed: {results[b]['error']}", flush=True)

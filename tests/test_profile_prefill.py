@@ -25,5 +25,25 @@ def test_kernel_summary_per_prompt(tmp_path):
     assert s["kernels_per_prompt"] == 1.5
     assert s["top"] == [("attn", 2.0), ("gemm", 2.0)] or s["top"] == [("gemm", 2.0), ("attn", 2.0)]
     assert s["runtime_top"] == [("cudaStreamSynchronize", 3.0)]
+    assert s["waits_top"] == [("?", 3.0)]                                              # no Python frames traced
     with pytest.raises(RuntimeError, match="no profiler trace"):
         kernel_summary(tmp_path / "none", prompts=1)
+
+
+def test_waits_name_the_innermost_sglang_frames(tmp_path):
+    """With --with-stack the synchronising calls are charged to the innermost sglang / sglang_tca frames around them
+    on their own thread (not to frames of another thread, nor to ones that ended before)."""
+    py = lambda ts, dur, name, tid=1: {"ph": "X", "cat": "python_function", "ts": ts, "dur": dur, "name": name,  # noqa: E731
+                                       "pid": 7, "tid": tid}
+    ev = [py(0, 100, "sglang/srt/managers/scheduler.py(1): event_loop"),
+          py(10, 50, "sglang_tca/serving/store.py(171): end_forward"),
+          py(12, 5, "torch/cuda/__init__.py(9): synchronize"),
+          py(30, 5, "sglang_tca/serving/store.py(99): settle"),                       # ended before the call
+          py(0, 100, "sglang_tca/other_thread.py(1): f", tid=2),
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 40, "dur": 4, "pid": 7, "tid": 1},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 70, "dur": 2, "pid": 7, "tid": 1},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 41, "dur": 1, "pid": 7, "tid": 1}]
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": ev}))
+    waits = dict(kernel_summary(tmp_path, prompts=1)["waits_top"])
+    assert waits == {"sglang_tca/serving/store.py(171): end_forward < sglang/srt/managers/scheduler.py(1): event_loop":
+                     pytest.approx(0.004), "sglang/srt/managers/scheduler.py(1): event_loop": pytest.approx(0.002)}

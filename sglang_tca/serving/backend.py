@@ -160,13 +160,13 @@ class TCAAttnBackend(TritonAttnBackend):
         self._sel_page = fb.out_cache_loc.index_select(0, self._sel) // self.block
         self._max_len = int(max(fb.seq_lens_cpu))
         self._dense = self._max_len <= self.dense_window
+        self._dense_loc = self.l2d[fb.out_cache_loc]      # once per batch, not in every layer's set_kv_buffer
         if self._dense:
             super().init_forward_metadata(fb)
             # SGLang's kernels read a cached prefix at its logical ids; its K/V is at the dense slots they map to
             # (every token of a sequence this short is dense: radix matches need the window before them dense)
             self.forward_metadata.kv_indices = self.l2d[self.forward_metadata.kv_indices]
             return
-        self._dense_loc = self.l2d[fb.out_cache_loc]
         ext, seq = list(fb.extend_seq_lens_cpu), fb.seq_lens_cpu.tolist()
         qo = [0, *itertools.accumulate(ext)]
         self._ext_groups = []                          # (requests a..b, their tokens t0..t1, qo_indptr, bounds)
@@ -199,7 +199,9 @@ class TCAAttnBackend(TritonAttnBackend):
             return
         if self._sel.numel() == 0:
             return
-        select_blocks(q.index_select(0, self._sel), fb.positions.index_select(0, self._sel), self._sel_page,
+        if l == 0:
+            self._sel_pos = fb.positions.index_select(0, self._sel)
+        select_blocks(q.index_select(0, self._sel), self._sel_pos, self._sel_page,
                       self.l2d, k_dense, self.thresholds[l], self.store.mask, self.block, l, layer.scaling,
                       self.policy, self.kv_heads)
         compact_blocks(self.pool.arena_k, self.pool.arena_v, self.l2d, self._sel_page,
@@ -224,13 +226,13 @@ class TCAAttnBackend(TritonAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         kept_indptr = None
+        if save_kv_cache:
+            self.pool.swa_kv_pool.set_kv_buffer(None, self._dense_loc, k, v, layer_id_override=layer.layer_id)
         if self._dense:
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+            o = super().forward_extend(q, k, v, layer, forward_batch, False, **kwargs)
             self._select_and_compact(q, layer, forward_batch, decode=False)
         else:
             l = layer.layer_id
-            if save_kv_cache:
-                self.pool.swa_kv_pool.set_kv_buffer(None, self._dense_loc, k, v, layer_id_override=l)
             self._select_and_compact(q, layer, forward_batch, decode=False)
             fb = forward_batch
             qv = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
