@@ -241,6 +241,21 @@ def test_plan_fits_the_budget_and_saves_memory_at_long_context():
     assert p.expected_store_tokens > 2.5 * dense_equivalent * (1 - 0.2)
 
 
+def test_decode_lists_hold_every_running_request_when_cheap():
+    """The decode kept-row list holds a CUDA graph's batch; and every running request's lists at once when that
+    takes at most DECODE_LIST_SHARE of the budget (eager decode of large batches then runs one group per layer)."""
+    from sglang_tca.serving.sizing import DECODE_LIST_SHARE
+
+    long_ctx = llama_plan(max_requests=2048)                               # 128K x 8 heads: 4 MiB per request
+    assert long_ctx.decode_kept_rows == 128 * 131072 * 8                   # 0.5% of 100 GiB holds 128 of them
+    assert llama_plan(graph_max_bs=160, max_requests=2048).decode_kept_rows == 160 * 131072 * 8
+    short_ctx = llama_plan(context_len=8192, max_requests=300)
+    assert short_ctx.decode_kept_rows == 300 * 8192 * 8                    # all 300 (75 MiB)
+    assert 4 * short_ctx.decode_kept_rows <= DECODE_LIST_SHARE * short_ctx.budget_bytes
+    assert llama_plan(context_len=8192, max_requests=2, graph_max_bs=0).decode_kept_rows == 4 * 8192 * 8
+    assert short_ctx.total_bytes <= short_ctx.budget_bytes
+
+
 def test_plan_dense_pool_choices_and_errors():
     by_share = llama_plan()
     assert by_share.dense_tokens == pytest.approx(0.2 * by_share.budget_bytes / by_share.dims.cell, rel=0.01)

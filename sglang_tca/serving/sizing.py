@@ -8,9 +8,10 @@ same budget on four parts (one KV head row = D or Dv elements of one (layer, KV 
   compressed store `heap_pages` pages of `page_rows` K and V rows: the kept rows of every completed block;
   tables           per logical page (= one block of `block` tokens): its keep masks, row offsets, page list and
                    row cursor, plus SGLang's logical->dense map (8 bytes per logical token);
-  fixed buffers    the kept-token lists the attention reads (rows: CUDA-graph batch x context x KV heads, at
-                   least EXTEND_GROUP_REQUESTS x context x KV heads; positions, for prefill: the latter) and the
-                   per-step page reservations. Prefill batches are attended in groups of requests that fit them.
+  fixed buffers    the kept-token lists the attention reads (rows: context x KV heads for each request of the
+                   largest of the CUDA-graph batch, EXTEND_GROUP_REQUESTS and the running requests that
+                   DECODE_LIST_SHARE of the budget holds; positions, for prefill: EXTEND_GROUP_REQUESTS x context x KV
+                   heads) and the per-step page reservations. Prefill batches are attended in groups of requests that fit them.
 
 Logical token ids (SGLang's "full" pool) cost only their table bytes, so there are more of them than the store holds
 at the expected kept share (`LOGICAL_SLACK`): the store, not the ids, is what runs out, and the scheduler sees the
@@ -25,6 +26,7 @@ ROWS_PER_PAGE = 64         # rows of one compressed-store page
 LOGICAL_SLACK = 2.0        # logical ids per token the store holds at the expected share (actual shares may be lower)
 MAX_LOGICAL_PER_DENSE = 8  # at most this many logical ids per dense token of the budget (their tables cost memory)
 EXTEND_GROUP_REQUESTS = 4  # full-context requests whose kept lists one prefill attention call holds
+DECODE_LIST_SHARE = 0.005  # budget share the decode kept-row list may take to hold every running request's lists
 DEFAULT_DENSE_SHARE = 0.2   # share of the budget for the dense pool unless --tca-dense-tokens / max running requests say
 
 
@@ -182,7 +184,12 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     max_pages = max(math.ceil(dims.rows_per_block * block / page_rows), block_reserve)
     reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1)
     extend_kept_rows = EXTEND_GROUP_REQUESTS * context_len * dims.kv_heads
-    decode_kept_rows = max(graph_max_bs, EXTEND_GROUP_REQUESTS) * context_len * dims.kv_heads
+    # Decode attends a batch in groups of requests whose lists fit (TCAAttnBackend._groups); a CUDA graph's batch
+    # must fit one group, and so, within DECODE_LIST_SHARE of the budget, must every batch of max_requests (eager
+    # decode above the graphs' batch sizes would otherwise launch the kept lists and attention once per group).
+    per_request = context_len * dims.kv_heads
+    all_requests = min(max_requests, int(DECODE_LIST_SHARE * budget_bytes) // (4 * per_request))
+    decode_kept_rows = max(graph_max_bs, EXTEND_GROUP_REQUESTS, all_requests) * per_request
 
     def plan(heap_pages: int, logical_tokens: int) -> MemoryPlan:
         return MemoryPlan(dims, block, window, dense_tokens, heap_pages, logical_tokens, max_pages, block_reserve,
