@@ -332,18 +332,24 @@ def test_prefill_chunks_decode_and_finish_on_freed_memory(harness):
     assert h.tree.full_evictable_size() > 0
 
 
-def test_the_idle_check_runs_once_per_state_and_again_after_a_change(harness, monkeypatch):
-    """SGLang runs the tree's sanity check on every idle pass of its event loop: an unchanged state is not checked
-    again, and a change (here a record freed under the tree, which the check must catch) is."""
-    from sglang_tca.serving.radix import cached_logical_pages
-
-    h = harness()
+def cached_request_with_counted_checks(h, monkeypatch) -> list:
+    """One finished 200-token request in the tree; returns the list each full store check appends its args to."""
     a = h.new_request(ids(5, 200))
     h.extend([a], [200])
     h.finish(a)
     calls = []
     check = h.store.check
     monkeypatch.setattr(h.store, "check", lambda *args: (calls.append(args), check(*args)))
+    return calls
+
+
+def test_the_idle_check_runs_once_per_state_and_again_after_a_change(harness, monkeypatch):
+    """SGLang runs the tree's sanity check on every idle pass of its event loop: an unchanged state is not checked
+    again, and a change (here a record freed under the tree, which the check must catch) is."""
+    from sglang_tca.serving.radix import cached_logical_pages
+
+    h = harness()
+    calls = cached_request_with_counted_checks(h, monkeypatch)
     h.tree.sanity_check()
     h.tree.sanity_check()
     assert len(calls) == 1 and len(calls[0][0]) == 200 // B                # idle: checked against the cached pages
@@ -361,12 +367,7 @@ def test_the_full_idle_check_waits_until_the_state_has_held(harness, monkeypatch
     h.tree.full_check_after_s = 1.0
     clock = [100.0]
     monkeypatch.setattr(radix.time, "monotonic", lambda: clock[0])
-    a = h.new_request(ids(5, 200))
-    h.extend([a], [200])
-    h.finish(a)
-    calls = []
-    check = h.store.check
-    monkeypatch.setattr(h.store, "check", lambda *args: (calls.append(args), check(*args)))
+    calls = cached_request_with_counted_checks(h, monkeypatch)
     h.tree.sanity_check()
     clock[0] += 0.5
     h.tree.sanity_check()
