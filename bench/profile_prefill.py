@@ -9,8 +9,9 @@ REPEATS fresh random prompts (max_new_tokens 1, unprofiled, median), then PROFIL
 and TTFT is the time to its first token. From each trace, per prompt (prefill and one decode step): GPU kernel time
 (sum of kernel durations), the time the GPU was busy (union), kernels launched, the CUDA runtime calls the host spent
 most time in, and the kernels by name; with --with-stack also which sglang / sglang_tca Python frames made the
-synchronising calls (cudaDeviceSynchronize, stream and event synchronisations, copies) and how long they waited. TTFT minus what the prefill's kernels take is what the host side (scheduling,
-Python, synchronisations, launches not hidden behind GPU work) adds.
+synchronising calls (cudaDeviceSynchronize, stream and event synchronisations, copies) and how long they waited.
+TTFT minus what the prefill's kernels take is what the host side (scheduling, Python, synchronisations, launches
+not hidden behind GPU work) adds.
 Writes DIR/profile_prefill.json and prints a table per context length, TCA's top kernels next to flashinfer's.
 """
 from __future__ import annotations

@@ -44,9 +44,10 @@ two-level vectorised search over the sorted positions (two dependent loads), so 
 O(kept + w + BLOCK_Q), never O(i). Kept keys that every row of the tile sees (all of them below the first query's
 dense start, once the first query is past the sink) are processed first without per-element masks (2x faster
 prefill on H100), and in extend so are the dense keys every row sees (from the last query's dense start to the first
-query; TTFT 16K 0.594 -> 0.496 s, 32K 1.196 -> 1.077 s through the engine on an H200; decode keeps its two loops:
-the extra ranges made it slower, `bench/results/speed.md`). For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by
-a small log-sum-exp merge kernel (like SGLang's decode stage 2).
+query; engine TTFT on an H200, 2026-12-02 -> 2026-12-03 runs: 16K 0.594 -> 0.496 s, 32K 1.196 -> 1.077 s). Decode
+keeps its two loops: the extra ranges made it slower (`bench/results/speed_runs/h200_2026-12-03_ab_attention.txt`).
+For decode (few programs) the virtual list can be split over `num_kv_splits` programs, followed by a small
+log-sum-exp merge kernel (like SGLang's decode stage 2).
 
 No host synchronisation: the grid only needs Python ints (max_q_len; default T, always an upper bound).
 Not supported (yet): fp8 KV (k_scale / v_scale), logit soft-capping, sliding-window layers, attention sinks as

@@ -11,7 +11,8 @@ same budget on four parts (one KV head row = D or Dv elements of one (layer, KV 
   fixed buffers    the kept-token lists the attention reads (rows: context x KV heads for each request of the
                    largest of the CUDA-graph batch, EXTEND_GROUP_REQUESTS and the running requests that
                    DECODE_LIST_SHARE of the budget holds; positions, for prefill: EXTEND_GROUP_REQUESTS x context x KV
-                   heads) and the per-step page reservations. Prefill batches are attended in groups of requests that fit them.
+                   heads) and the per-step page reservations. Batches are attended in groups of requests that
+                   fit them.
 
 Logical token ids (SGLang's "full" pool) cost only their table bytes, so there are more of them than the store holds
 at the expected kept share (`LOGICAL_SLACK`): the store, not the ids, is what runs out, and the scheduler sees the
@@ -26,7 +27,7 @@ ROWS_PER_PAGE = 64         # rows of one compressed-store page
 LOGICAL_SLACK = 2.0        # logical ids per token the store holds at the expected share (actual shares may be lower)
 MAX_LOGICAL_PER_DENSE = 8  # at most this many logical ids per dense token of the budget (their tables cost memory)
 EXTEND_GROUP_REQUESTS = 4  # full-context requests whose kept lists one prefill attention call holds
-DECODE_LIST_SHARE = 0.005  # budget share the decode kept-row list may take to hold every running request's lists
+DECODE_LIST_SHARE = 0.005  # budget share the decode kept rows may take to hold every running request's lists
 DEFAULT_DENSE_SHARE = 0.2   # share of the budget for the dense pool unless --tca-dense-tokens / max running requests say
 
 
