@@ -57,7 +57,6 @@ from http_check import start, stop  # noqa: E402
 
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
-FULL_CHECK_WAIT_S = 1.5    # > TCARadixCache.full_check_after_s: an idle state gets the full store check after 1 s
 SERVER_ENV = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}      # not DURING_BUSY: see the docstring
 ROUND = {                      # kind: requests of that kind in each shuffled round of the schedule
     "short": 6,                # 20-200 prompt tokens on /generate
@@ -137,6 +136,8 @@ class Config:
                                      # (streams) or at its next 4 s wait (tokenizer_manager._wait_one_response)
     idle_wait_s: float = 120.0       # then the longest wait for the server to go idle
     idle_poll_s: float = 0.5         # /v1/loads while waiting for idle
+    full_check_wait_s: float = 1.5   # then this long: > TCARadixCache.full_check_after_s, so the server's full store
+                                     # check runs on the idle state before the pools are read
     health_every_s: float = 2.0
     health_timeout_s: float = 25.0   # SGLang's /health answers 503 after 20 s without a scheduler output
     health_fail_s: float = 30.0      # /health failing this long counts as a crash
@@ -763,7 +764,7 @@ async def idle_period(client: Client, state: State, cfg: Config, t_s: float) -> 
     try:
         async with state.health_lock:            # no /health probe (a 1-token request) between the reads
             await wait_idle(client, state, 10.0, cfg.idle_poll_s)     # the last probe's request
-            await asyncio.sleep(FULL_CHECK_WAIT_S)     # the server's full store check runs on this idle state
+            await asyncio.sleep(cfg.full_check_wait_s)
             loads, before = await client.loads(), await client.tca()
             flushed = await client.flush()
             after = await client.tca()

@@ -354,8 +354,8 @@ def fake_server():
 
 def test_soak_loop_against_a_fake_server(fake_server, tmp_path, capsys):
     cfg = soak.Config(duration_s=3.0, idle_every_s=1.0, concurrency=8, settle_s=0.0,
-                      idle_wait_s=5.0, idle_poll_s=0.05, health_every_s=0.2, progress_every_s=1.0,
-                      request_timeout_s=10.0)
+                      idle_wait_s=5.0, idle_poll_s=0.05, full_check_wait_s=0.0, health_every_s=0.2,
+                      progress_every_s=1.0, request_timeout_s=10.0)
     meta, tally, checks, run, metrics = asyncio.run(soak.soak(fake_server, corpus(), cfg, lambda: None))
     assert meta["device"] == "Fake GPU" and meta["server_args"] == {"max_total_tokens": 100000}
     r = soak.build_report({"date": "today", "budgets": "b", "server_flags": [], "command": "test",
