@@ -22,6 +22,7 @@ means TCA is faster). Results: one JSON line per (part, backend) in DIR/speed_ru
 """
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import sys
@@ -127,8 +128,7 @@ def part_serving(backend: str, out: Path, port: int) -> dict:
 def run(args):
     budgets = synthetic_budgets(Path(args.out) / "budgets.json")
 
-    batched = [tuple(int(x) for x in s.split("x")) for s in args.batched]
-
+    batched = args.batched
     def base(part, backend):
         rec = {"mem_fraction_static": MEM_FRACTION}
         if part == "engine" and backend == "tca":
@@ -140,10 +140,28 @@ def run(args):
               if part == "engine" else part_serving(backend, Path(args.out), 30000 + i), base)
 
 
+def batch_shape(text: str) -> tuple[int, int]:
+    """BSxLEN, e.g. 32x4096."""
+    try:
+        bs, n = (int(x) for x in text.split("x"))
+        if bs > 0 and n > 0:
+            return bs, n
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected BSxLEN with positive integers (e.g. 32x4096), got {text!r}")
+
+
+def context_length(text: str) -> int:
+    if text.isdigit() and 0 < int(text) <= 131072 - DECODE_TOKENS - 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a context length of 1..{131072 - DECODE_TOKENS - 1} tokens "
+                                     f"(the engine's context is 131072), got {text!r}")
+
+
 def engine_args(ap):
     """The engine part's shapes (default: all; fewer for a shorter job)."""
-    ap.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS), help="bs-1 context lengths")
-    ap.add_argument("--batched", nargs="*", default=[f"{bs}x{n}" for bs, n in BATCHED],
+    ap.add_argument("--contexts", type=context_length, nargs="+", default=list(CONTEXTS), help="bs-1 context lengths")
+    ap.add_argument("--batched", nargs="*", type=batch_shape, default=list(BATCHED),
                     help="batched decode shapes BSxLEN")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from speed_bench import BATCHED, CONTEXTS, decode_rate  # noqa: E402
+from speed_bench import BATCHED, CONTEXTS, batch_shape, context_length, decode_rate  # noqa: E402
 from speed_report import report  # noqa: E402
 
 
@@ -101,3 +101,15 @@ def test_a_shorter_later_run_replaces_only_the_rows_it_measured(tmp_path):
     assert [r["date"] for r in got["runs"]] == ["2026-12-02", "2026-12-03"]
     md = (tmp_path / "out" / "speed.md").read_text()
     assert "| 1K | 0.4 | 0.300 | 0.150 | **0.50** (missed: >= 0.95) |" in md and "| 2026-12-03 |" in md
+
+
+def test_engine_shape_flags_are_checked():
+    import argparse
+
+    assert batch_shape("16x32768") == (16, 32768) and context_length("130048") == 130048
+    for bad in ("32-4096", "0x4096", "x", "4x-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BSxLEN"):
+            batch_shape(bad)
+    for bad in ("0", "-5", "131072", "4k"):
+        with pytest.raises(argparse.ArgumentTypeError, match="context length"):
+            context_length(bad)
