@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from paired_runs import cli, run_parts  # noqa: E402
 from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
 
+ENGINE_CONTEXT = 131072                           # the engine part's context length
 CONTEXTS = (1024, 4096, 16384, 32768, 130048)     # 130048 + the generated tokens fit the 131072 context
 BATCHED = ((32, 4096), (16, 32768))
 DECODE_TOKENS = 128
@@ -67,7 +68,7 @@ def part_engine(backend: str, out: Path, contexts=CONTEXTS, batched=BATCHED) -> 
     tca = TCAConfig(budgets=str(out / "budgets.json")) if backend == "tca" else None
     t0 = time.time()
     eng = Engine(model_path=str(MODEL), load_format="dummy", skip_tokenizer_init=True, attention_backend=backend,
-                 tca=tca, context_length=131072, mem_fraction_static=MEM_FRACTION, disable_prefill_cuda_graph=True,
+                 tca=tca, context_length=ENGINE_CONTEXT, mem_fraction_static=MEM_FRACTION, disable_prefill_cuda_graph=True,
                  cuda_graph_max_bs_decode=32, log_level="error")
     res = {"start_s": round(time.time() - t0, 1), "contexts": {}, "batched": {}}
     rnd = random.Random(0)
@@ -152,10 +153,11 @@ def batch_shape(text: str) -> tuple[int, int]:
 
 
 def context_length(text: str) -> int:
-    if text.isdigit() and 0 < int(text) <= 131072 - DECODE_TOKENS - 1:
+    longest = ENGINE_CONTEXT - DECODE_TOKENS - 1                   # the prompt and its generated tokens fit
+    if text.isdigit() and 0 < int(text) <= longest:
         return int(text)
-    raise argparse.ArgumentTypeError(f"expected a context length of 1..{131072 - DECODE_TOKENS - 1} tokens "
-                                     f"(the engine's context is 131072), got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected a context length of 1..{longest} tokens (the engine's context is "
+                                     f"{ENGINE_CONTEXT}), got {text!r}")
 
 
 def engine_args(ap):

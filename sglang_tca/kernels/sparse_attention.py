@@ -270,8 +270,7 @@ def _tca_fwd_kernel(
         dense_all = sk + tl.maximum(ds_last - ds_first, 0)                  # virtual index of position ds_last
         n_dense_all = tl.maximum(first_pos + 1 - tl.maximum(ds_last, ds_first), 0)
         b = tl.minimum(tl.maximum(dense_all, a), v_hi)
-        c = tl.minimum(b + tl.maximum((dense_all + n_dense_all - b) // BLOCK_N, 0) * BLOCK_N, v_hi)
-        c = tl.maximum(b + ((c - b) // BLOCK_N) * BLOCK_N, b)
+        c = b + (tl.maximum(tl.minimum(dense_all + n_dense_all, v_hi) - b, 0) // BLOCK_N) * BLOCK_N
         for start in range(a, b, BLOCK_N):
             acc, m_i, l_i = _tile_step(acc, m_i, l_i, q, start, b, sk, ds_first, kept_row_base, kept_pos_base,
                                        r2t_row, L2D, dslots_row, dslots_first, K_Arena, V_Arena, h, stride_row,

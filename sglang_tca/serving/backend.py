@@ -158,6 +158,7 @@ class TCAAttnBackend(TritonAttnBackend):
         sel = torch.tensor(rows, dtype=torch.int64)
         self._sel = sel.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else sel
         self._sel_page = fb.out_cache_loc.index_select(0, self._sel) // self.block
+        self._sel_pos = fb.positions.index_select(0, self._sel)
         self._max_len = int(max(fb.seq_lens_cpu))
         self._dense = self._max_len <= self.dense_window
         self._dense_loc = self.l2d[fb.out_cache_loc]      # once per batch, not in every layer's set_kv_buffer
@@ -199,8 +200,6 @@ class TCAAttnBackend(TritonAttnBackend):
             return
         if self._sel.numel() == 0:
             return
-        if l == 0:
-            self._sel_pos = fb.positions.index_select(0, self._sel)
         select_blocks(q.index_select(0, self._sel), self._sel_pos, self._sel_page,
                       self.l2d, k_dense, self.thresholds[l], self.store.mask, self.block, l, layer.scaling,
                       self.policy, self.kv_heads)
