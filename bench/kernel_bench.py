@@ -16,8 +16,9 @@ them), and the queries' dense range (decode: the window; prefill: everything aft
 b slots, shuffled, as SGLang's paged allocator hands them out after a while), read through req_to_token and the
 logical -> dense map.
 Columns: tca (~keep of each compressed block kept, heads differ), tca_all (the same kernel with every compressed
-token kept: the kernel's dense cost), flash (dense causal: flash_attn if installed, else torch SDPA with the flash
-backend; K/V contiguous and GQA-expanded outside the timing), speedup = flash / tca, and the share of the dense KV the
+token kept: the kernel's dense cost), dense (dense causal, named in the last column: prefill FlashInfer's
+single prefill when flashinfer is installed, then flash_attn, else torch SDPA with the flash backend; K/V contiguous
+outside the timing), speedup = dense / tca, and the share of the dense KV the
 sparse run reads (sink + kept + window) / ctx.
 Needs CUDA; sglang is not needed (only torch, triton and sglang_tca).
 
@@ -239,13 +240,26 @@ def make_pool(bs, ctx, q_len, hq, hkv, d, b, w, keep, dtype, seed=0, contiguous=
 
 def dense_fn(bs, ctx, q_len, hq, hkv, d, dtype):
     """Dense causal attention over contiguous K/V. Prefill: q_len == ctx; decode: q_len == 1.
-    Prefers the flash_attn package (flash_attn_with_kvcache for decode, which splits the KV); else torch SDPA with the
+    Prefill of one request prefers FlashInfer's single prefill (its FA3 kernel on Hopper, what SGLang's flashinfer
+    backend runs). Otherwise it prefers the flash_attn package (flash_attn_with_kvcache for decode, which splits the KV); else torch SDPA with the
     flash backend (GQA via enable_gqa, or K/V expanded outside the timing; SDPA's decode does not split the KV, so it
     is a weak decode baseline: compare decode with the tca_all column too)."""
     dev = "cuda"
     q = torch.randn(bs, q_len, hq, d, device=dev, dtype=dtype)
     k = torch.randn(bs, ctx, hkv, d, device=dev, dtype=dtype)
     v = torch.randn(bs, ctx, hkv, d, device=dev, dtype=dtype)
+    if q_len > 1 and bs == 1:
+        try:
+            from flashinfer import single_prefill_with_kv_cache  # type: ignore
+
+            def fi():
+                return single_prefill_with_kv_cache(q[0], k[0], v[0], causal=True)
+            fi()
+            torch.cuda.synchronize()
+            return "flashinfer", fi
+        except Exception as e:                # named in the table's last column; say why here
+            print(f"[kernel_bench] dense prefill baseline: flashinfer unavailable ({type(e).__name__}: {e})"[:300],
+                  file=sys.stderr)
     try:
         import flash_attn  # type: ignore  # noqa: F401
         from flash_attn import flash_attn_func, flash_attn_with_kvcache  # type: ignore
