@@ -69,14 +69,20 @@ def cli(doc: str, name: str, parts: list[str], run: Callable, report: Callable, 
 
 def load_runs(run_files: list[Path]) -> tuple[dict, list[str]]:
     """({(part, backend): the last record without an error, with "_source" = its file}, the files as given, relative
-    to the repository where inside it)."""
-    recs, sources = {}, []
+    to the repository where inside it). A part's records come from the last file that holds both backends' (one
+    job), so a later file with one backend only (a job cut short) does not unpair an earlier complete run."""
+    recs, by_file, sources = {}, {}, []
     for f in run_files:
         sources.append(str(f.relative_to(ROOT)) if f.is_absolute() and ROOT in f.parents else str(f))
         for line in f.read_text().splitlines():
             r = json.loads(line)
             if "error" not in r:
-                recs[(r["part"], r["backend"])] = {**r, "_source": sources[-1]}
+                recs[(r["part"], r["backend"])] = by_file[(r["part"], r["backend"], sources[-1])] = \
+                    {**r, "_source": sources[-1]}
+    for part in {p for p, _ in recs}:
+        both = [s for s in sources if (part, "tca", s) in by_file and (part, "flashinfer", s) in by_file]
+        if both:
+            recs[(part, "tca")], recs[(part, "flashinfer")] = (by_file[(part, b, both[-1])] for b in ("tca", "flashinfer"))
     return recs, sources
 
 

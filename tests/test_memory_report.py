@@ -13,10 +13,11 @@ RUNS = ROOT / "bench" / "results" / "memory_runs"
 RUN = RUNS / "h200_2026-12-01.jsonl"                 # the memory part
 BENCH_RUN = RUNS / "h200_2026-12-02.jsonl"           # both bench_serving parts (random is still from here)
 GSP_RUN = RUNS / "h200_2026-12-02b.jsonl"            # gsp at a cap where dense is memory-bound; random failed
+TCA_ONLY_RUN = RUNS / "h200_2026-12-03_random_tca_only.jsonl"   # random, flashinfer's part lost: does not unpair
 
 
 def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
-    got = report([RUN, BENCH_RUN, GSP_RUN], tmp_path)
+    got = report([RUN, BENCH_RUN, GSP_RUN, TCA_ONLY_RUN], tmp_path)
     assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(
         (ROOT / "bench" / "results" / "memory.json").read_text())
     for key in ("device", "date", "kv_bytes_per_token_ratio_128k", "max_concurrent_128k", "memory_bound_req_s",

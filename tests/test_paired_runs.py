@@ -54,3 +54,16 @@ def test_dense_failure_is_recorded_and_tca_failure_ends_the_job(tmp_path):
     assert "a flashinfer broke" in recs[1]["error"] and "b tca broke" in recs[2]["error"]
     loaded, _ = load_runs([tmp_path / "x_runs.jsonl"])
     assert paired(loaded, "a") is None and ("a", "tca") in loaded             # errors are not results
+
+
+def test_a_later_file_with_one_backend_does_not_unpair_a_complete_run(tmp_path):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write("a.jsonl", [{"part": "p", "backend": "tca", "v": 1}, {"part": "p", "backend": "flashinfer", "v": 2}])
+    write("b.jsonl", [{"part": "p", "backend": "tca", "v": 3}])                   # its flashinfer part was lost
+    recs, sources = load_runs([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    t, d = paired(recs, "p")
+    assert (t["v"], d["v"]) == (1, 2) and t["_source"] == d["_source"] == sources[0]
+    write("c.jsonl", [{"part": "p", "backend": "flashinfer", "v": 4}, {"part": "p", "backend": "tca", "v": 5}])
+    t, d = paired(load_runs([tmp_path / f for f in ("a.jsonl", "b.jsonl", "c.jsonl")])[0], "p")
+    assert (t["v"], d["v"]) == (5, 4)                                             # the last complete run wins
