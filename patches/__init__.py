@@ -25,6 +25,7 @@ PATCH_MODULES = (
     "kv_cache_builder_build_kv_cache",
     "tp_worker_forward_batch_generation",
     "scheduler_process_batch_result",
+    "schedule_batch_check_decode_mem",
     "scheduler_get_internal_state",
     "pool_stats_observer_get_swa_token_info",
     "tp_worker_get_worker_info",

@@ -291,3 +291,60 @@ def test_a_store_that_holds_no_request_is_refused_at_start():
     with get_parallel().override(attn_tp_size=1, attn_tp_rank=0, tp_size=1, tp_rank=0), \
             pytest.raises(SizingError, match="holds no request of 256 tokens"):
         memory.build_allocator(conf, None, None)
+
+
+def test_a_decode_step_the_store_cannot_reserve_retracts_and_aborts_instead_of_failing():
+    """patches/schedule_batch_check_decode_mem inside SGLang's own ScheduleBatch.check_decode_mem / retract_decode:
+    when the store cannot reserve the worst case of the blocks the next decode completes (a shortfall the admission
+    accounting did not foresee), SGLang's decode check fails, so it retracts requests until the rest fit, and aborts
+    the last one with an error when even that one does not; the forward never sees StoreExhausted."""
+    from http import HTTPStatus
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, ScheduleBatch
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from sglang_tca import plugin
+
+    plugin.register()                                  # installs and applies the patches
+    store = CompressedStore(plan(heap_pages=100), "cpu", chunk_tokens=64)
+    reserve = store.plan.block_reserve_pages
+
+    class Batch:                                      # what SGLang's decode check and retraction read of a batch
+        check_decode_mem = ScheduleBatch.check_decode_mem
+        retract_decode = ScheduleBatch.retract_decode
+        _get_decode_retraction_order = staticmethod(ScheduleBatch._get_decode_retraction_order)
+        new_tokens_required_next_decode = ScheduleBatch.new_tokens_required_next_decode
+
+        def __init__(self, lens):
+            self.reqs = [SimpleNamespace(rid=i, kv_committed_len=n, output_ids=[0] * (i + 1), origin_input_ids=[0] * n,
+                                         to_finish=None, sampling_params=SimpleNamespace(max_new_tokens=100))
+                         for i, n in enumerate(lens)]
+            self.token_to_kv_pool_allocator = SimpleNamespace(store=store, page_size=B, available_size=lambda: 10 ** 6)
+            self.tree_cache = None
+            self.spec_algorithm = SpeculativeAlgorithm.NONE
+            self.released = []
+
+        def release_req(self, idx, remaining, server_args):
+            self.released.append(self.reqs[idx].rid)
+
+        def filter_batch(self, keep_indices):
+            self.reqs = [self.reqs[i] for i in keep_indices]
+
+    args = SimpleNamespace(retraction_policy="length", enable_priority_scheduling=False,
+                           schedule_low_priority_values_first=False)
+    ends = [5 * B - 1, 3 * B - 1, 7 * B - 1]          # each request's next token completes a block
+    assert Batch(ends).check_decode_mem()              # the store holds every row's worst case: nothing changes
+    store._pop(store.free_pages - 2 * reserve)         # a shortfall: room for two of the three blocks
+    batch = Batch(ends)
+    assert not batch.check_decode_mem()
+    retracted, _, aborted = batch.retract_decode(args)
+    assert len(retracted) == 1 and not aborted and len(batch.reqs) == 2 and batch.check_decode_mem()
+    assert Batch([4 * B, 6 * B + 2]).check_decode_mem()           # rows that complete no block need nothing
+    store._pop(store.free_pages - (reserve - 1))       # not even one block's worst case
+    batch = Batch(ends)
+    retracted, _, aborted = batch.retract_decode(args)
+    assert len(retracted) == 2 and len(aborted) == 1 and batch.reqs == []
+    reason = aborted[0].to_finish
+    assert isinstance(reason, FINISH_ABORT) and reason.status_code == HTTPStatus.INTERNAL_SERVER_ERROR
+    assert "Out of memory" in reason.message

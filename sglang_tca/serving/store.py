@@ -135,6 +135,12 @@ class CompressedStore:
         """Worst-case pages of new records: the sink keeps everything, other blocks their heads' largest counts."""
         return [self.plan.sink_pages if is_sink else self.plan.block_reserve_pages for is_sink in first_block]
 
+    def can_reserve(self, first_block: Sequence[bool]) -> bool:
+        """Whether `begin_forward` can reserve these new records' worst case now (SGLang's decode memory check asks
+        this, through patches/schedule_batch_check_decode_mem, so a shortfall retracts requests instead of failing
+        the forward)."""
+        return sum(self.pages_for(first_block)) <= self._top
+
     # -- a forward's life -------------------------------------------------------------------------------------------
     def begin_forward(self, first_block: Sequence[bool], slots: Sequence[int]) -> Pending | None:
         """Reserve pages for the records that complete in the next forward (one per block; `first_block` marks
@@ -142,7 +148,7 @@ class CompressedStore:
         if not first_block:
             return None
         need = self.pages_for(first_block)
-        if sum(need) > self._top:
+        if not self.can_reserve(first_block):
             raise StoreExhausted(f"TCA compressed store: a forward needs up to {sum(need)} pages, {self._top} are "
                                  f"free; the admission accounting should have held them back (a bug; please report)")
         self.launches += 1

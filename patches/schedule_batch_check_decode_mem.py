@@ -1,0 +1,25 @@
+"""ScheduleBatch.check_decode_mem (AFTER): the next decode step fits only if the compressed store can also reserve the
+worst case of the blocks it completes (what `CompressedStore.begin_forward` will take). The admission accounting
+(`CompressedStore.token_capacity`) already holds those pages back, so this is the guard for a shortfall it did not
+foresee: SGLang's decode check fails, so SGLang retracts requests, and aborts the last one with an error ("Out of
+memory even after retracting all other requests") while the server goes on, instead of a forward that raises
+`StoreExhausted` and stops the scheduler."""
+from sglang.srt.plugins.hook_registry import HookType
+
+from patches import install_hook
+
+TARGET = "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem"
+
+
+def hook(result, self, selected_indices=None, *args, **kwargs):
+    store = getattr(self.token_to_kv_pool_allocator, "store", None)
+    if not result or store is None:
+        return result
+    reqs = self.reqs if selected_indices is None else [self.reqs[i] for i in selected_indices]
+    # the next decode writes position kv_committed_len; the block ends there when the sequence then fills it
+    ends = [r.kv_committed_len + 1 == store.block for r in reqs if (r.kv_committed_len + 1) % store.block == 0]
+    return store.can_reserve(ends)
+
+
+def install():
+    install_hook(TARGET, hook, HookType.AFTER)
