@@ -241,9 +241,9 @@ def make_pool(bs, ctx, q_len, hq, hkv, d, b, w, keep, dtype, seed=0, contiguous=
 def dense_fn(bs, ctx, q_len, hq, hkv, d, dtype):
     """Dense causal attention over contiguous K/V. Prefill: q_len == ctx; decode: q_len == 1.
     Prefill of one request prefers FlashInfer's single prefill (its FA3 kernel on Hopper, what SGLang's flashinfer
-    backend runs). Otherwise it prefers the flash_attn package (flash_attn_with_kvcache for decode, which splits the KV); else torch SDPA with the
-    flash backend (GQA via enable_gqa, or K/V expanded outside the timing; SDPA's decode does not split the KV, so it
-    is a weak decode baseline: compare decode with the tca_all column too)."""
+    backend runs). Otherwise it prefers the flash_attn package (flash_attn_with_kvcache for decode, which splits the
+    KV); else torch SDPA with the flash backend (GQA via enable_gqa, or K/V expanded outside the timing; SDPA's decode
+    does not split the KV, so it is a weak decode baseline: compare decode with the tca_all column too)."""
     dev = "cuda"
     q = torch.randn(bs, q_len, hq, d, device=dev, dtype=dtype)
     k = torch.randn(bs, ctx, hkv, d, device=dev, dtype=dtype)

@@ -82,7 +82,8 @@ def load_runs(run_files: list[Path]) -> tuple[dict, list[str]]:
     for part in {p for p, _ in recs}:
         both = [s for s in sources if (part, "tca", s) in by_file and (part, "flashinfer", s) in by_file]
         if both:
-            recs[(part, "tca")], recs[(part, "flashinfer")] = (by_file[(part, b, both[-1])] for b in ("tca", "flashinfer"))
+            for b in ("tca", "flashinfer"):
+                recs[(part, b)] = by_file[(part, b, both[-1])]
     return recs, sources
 
 
