@@ -108,8 +108,7 @@ NOTES = {
   output token is 51 ms against dense's 98 ms. The random part of this job did not run: the call that was waiting
   for the detached job did not carry `.client` and `.tok`, so `bench_serving` could not import its dataset stubs
   (the record's error); random stays at the earlier run's 1.27x, from before the kernel.""",
-}
-NOTES["h200_2026-12-03_random_tca_only.jsonl"] = """A re-run of random on the 2026-12-03 code (commit c69fd24: the
+    "h200_2026-12-03_random_tca_only.jsonl": """A re-run of random on the 2026-12-03 code (commit c69fd24: the
   one-kernel selection, the kept lists' tile loop, the extend kernel's unmasked dense steps) has TCA only: the machine
   was taken back while flashinfer's part ran, so there is no same-run ratio and the table keeps 2026-12-02's pair.
   TCA alone: 1.119 req/s (0.960 on 2026-12-02), benchmark 114.4 s (133.3), median time per output token 30.7 ms
@@ -118,7 +117,8 @@ NOTES["h200_2026-12-03_random_tca_only.jsonl"] = """A re-run of random on the 20
   load cannot give 2x yet: all 128 x 16K prompts must be prefilled by both servers, and at 16K TCA's prefill is about
   as fast as flashinfer's (TTFT ratio 1.06 in `speed.md`), ~60 s of either server's run; dense's 170 s is those ~60 s
   plus three waves of decode, TCA's 114 s the same prefill plus one wave, so the memory gain only shortens the
-  decode half. 2x here needs the sparse prefill faster at 16K (the speed issue's kernel work)."""
+  decode half. 2x here needs the sparse prefill faster at 16K (the speed issue's kernel work).""",
+}
 BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
                 "gsp": "generated-shared-prefix, 4 system prompts of 32K x 4 conversations, 3 turns of 1K question + "
                        "256 answer, all sent at once (chat API)"}
