@@ -17,6 +17,8 @@ prefill CUDA graph off for both: its capture takes minutes) and, per part:
           dense's number is its pool's capacity in whole 128K requests (exact: dense holds every token);
   random  SGLang's bench_serving, random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once;
           both servers with --max-running-requests 128 (TCA sizes its dense pool for that many windows);
+  random_long  the same with 4096 output tokens: a load whose time is mostly decode, where what each server can
+          hold decides the batch (with 1024 output tokens both servers spend about half of it prefilling 128 x 16K);
   gsp     SGLang's bench_serving, generated-shared-prefix multi-turn (--gsp-num-turns 3; 4 system prompts of 32K
           tokens, 16 conversations, 1K-token questions, 256-token answers; through /v1/chat/completions, as its
           multi-turn mode requires, each turn resending the conversation so far), both servers with the KV budget capped
@@ -51,16 +53,20 @@ MEM_FRACTION = "0.85"
 SERVER_FLAGS = {                                  # per part, the same for both backends
     "memory": ["--cuda-graph-max-bs", "32"],
     "random": ["--max-running-requests", "128", "--cuda-graph-max-bs", "128"],
+    "random_long": ["--max-running-requests", "128", "--cuda-graph-max-bs", "128"],
     "gsp": ["--max-total-tokens", "98304", "--max-running-requests", "16", "--cuda-graph-max-bs", "16"],
 }
 ESTIMATE_S = {                                    # seconds one (part, backend) takes on an H200, server start included
     "memory": {"tca": 300, "flashinfer": 170},
     "random": {"tca": 250, "flashinfer": 330},
+    "random_long": {"tca": 450, "flashinfer": 700},
     "gsp": {"tca": 220, "flashinfer": 260},
 }
 BENCH_FLAGS = {
     "random": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "1024",
                "--random-range-ratio", "1.0", "--num-prompts", "128", "--request-rate", "inf"],
+    "random_long": ["--dataset-name", "random-ids", "--random-input-len", "16384", "--random-output-len", "4096",
+                    "--random-range-ratio", "1.0", "--num-prompts", "128", "--request-rate", "inf"],
     "gsp": ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "4", "--gsp-prompts-per-group", "4",
             "--gsp-system-prompt-len", "32768", "--gsp-question-len", "1024", "--gsp-output-len", "256",
             "--gsp-num-turns", "3", "--request-rate", "inf"],

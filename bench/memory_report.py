@@ -48,7 +48,8 @@ def report(run_files: list[Path], out_dir: Path = RESULTS) -> dict:
     conc = {"tca": mem_t["max_concurrent_128k"], "flashinfer": mem_d["max_concurrent_128k"]}
     not_run = "not run: no run file holds this part for both backends (bench/memory_bench.py run --parts {})"
     req_s = {}
-    for part, name in (("random", "memory_bound_req_s"), ("gsp", "agent_req_s")):
+    for part, name in (("random", "memory_bound_req_s"), ("random_long", "memory_bound_long_req_s"),
+                       ("gsp", "agent_req_s")):
         req_s[name] = _pair(recs, part, "request_throughput") or {"tca": None, "flashinfer": None,
                                                                    "note": not_run.format(part)}
         req_s[f"{part}_bench_serving"] = _bench_part(recs, part)
@@ -118,14 +119,27 @@ NOTES = {
   as fast as flashinfer's (TTFT ratio 1.06 in `speed.md`), ~60 s of either server's run; dense's 170 s is those ~60 s
   plus three waves of decode, TCA's 114 s the same prefill plus one wave, so the memory gain only shortens the
   decode half. 2x here needs the sparse prefill faster at 16K (the speed issue's kernel work).""",
+    "h200_2026-12-03_random_long.jsonl": """Reading them. random_long (commit 4118916 plus this part; the 4-warp
+  prefill kernel, the one-kernel selection, the decode store guard): the same 128 distinct 16K prompts with 4096
+  output tokens instead of 1024, so that decode, where what a server holds sets the batch, is most of the time; the
+  part was added for that reason, after random's analysis above and before it ran. TCA 0.464 req/s against 0.246,
+  **1.89x**, short of the 2x asked: 276 s against 521 s, mean TTFT 67.9 against 156.5 s, median time per output token
+  31.4 against 33.7 ms. Server logs: dense ran 40-42 requests at once for most of its decode (token usage 1.00, 5
+  requests retracted); TCA ran 86-90 while its store was full (store usage 0.99-1.00, 13 retracted), 127 at its peak
+  and 64 on average over its decode batches. What held TCA back is its split: with `--max-running-requests 128` the
+  dense pool is sized for 128 requests' windows (two each while a request decodes: its own and its prompt's locked
+  last window; 311,296 tokens, 38.0 GiB) and was at most 68% used, while the store (64.45 GiB, about 1.68M tokens at
+  the budgets' 0.312) was the limit. `--tca-dense-tokens` sets the dense pool by hand (about 216,000 here would have
+  moved ~12 GiB to the store); not re-run: this session's device time was spent.""",
 }
 BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
+                "random_long": "random-ids, 128 distinct 16K prompts, 4096 output tokens, all sent at once",
                 "gsp": "generated-shared-prefix, 4 system prompts of 32K x 4 conversations, 3 turns of 1K question + "
                        "256 answer, all sent at once (chat API)"}
 
 
 def _bench_table(o: dict) -> str:
-    parts = [(p, o[f"{p}_bench_serving"]) for p in ("random", "gsp")]
+    parts = [(p, o[f"{p}_bench_serving"]) for p in ("random", "random_long", "gsp")]
     out = []
     for part, b in parts:
         if b is None:
@@ -165,6 +179,8 @@ def _markdown(o: dict, run: dict) -> str:
          f"{o['max_concurrent_128k_ratio']:.2f}"),
         ("bench_serving random-ids, 128 x 16K in / 1024 out: request throughput (req/s)",
          *_fmt_pair(o["memory_bound_req_s"])),
+        ("bench_serving random-ids, 128 x 16K in / 4096 out: request throughput (req/s)",
+         *_fmt_pair(o["memory_bound_long_req_s"])),
         ("bench_serving generated-shared-prefix, 3 turns: request throughput (req/s)", *_fmt_pair(o["agent_req_s"])),
     ]
     table = "".join(f"| {a} | {t} | {d} | {r} |\n" for a, t, d, r in rows)

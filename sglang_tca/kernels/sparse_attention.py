@@ -407,7 +407,7 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
             num_kv_splits = 1
     num_kv_splits = max(1, int(num_kv_splits))
     if num_warps is None:
-        # H200 tile sweep (bench/prefill_tile_sweep.sh, 2026-12-03): 4 warps beat 8 at BLOCK_M 128 by 1.17x at 32K
+        # H200 tile sweep (bench/tile_sweep.sh, 2026-12-03): 4 warps beat 8 at BLOCK_M 128 by 1.17x at 32K
         # and 1.25x at 128K prefill, equal at 4K
         num_warps = 4
     extra = {"num_warps": num_warps}
