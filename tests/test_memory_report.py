@@ -14,10 +14,11 @@ RUN = RUNS / "h200_2026-12-01.jsonl"                 # the memory part
 BENCH_RUN = RUNS / "h200_2026-12-02.jsonl"           # both bench_serving parts (random is still from here)
 GSP_RUN = RUNS / "h200_2026-12-02b.jsonl"            # gsp at a cap where dense is memory-bound; random failed
 TCA_ONLY_RUN = RUNS / "h200_2026-12-03_random_tca_only.jsonl"   # random, flashinfer's part lost: does not unpair
+LONG_RUN = RUNS / "h200_2026-12-03_random_long.jsonl"             # random_long (4096 output tokens)
 
 
 def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
-    got = report([RUN, BENCH_RUN, GSP_RUN, TCA_ONLY_RUN], tmp_path)
+    got = report([RUN, BENCH_RUN, GSP_RUN, TCA_ONLY_RUN, LONG_RUN], tmp_path)
     assert json.loads((tmp_path / "memory.json").read_text()) == json.loads(
         (ROOT / "bench" / "results" / "memory.json").read_text())
     for key in ("device", "date", "kv_bytes_per_token_ratio_128k", "max_concurrent_128k", "memory_bound_req_s",
@@ -26,6 +27,8 @@ def test_report_of_the_committed_runs_matches_memory_json(tmp_path):
     assert got["max_concurrent_128k"]["flashinfer"] == 845617 // (128 * 1024 - 256 + 64)
     assert got["memory_bound_req_s"] == {"tca": pytest.approx(0.9601, abs=1e-4),
                                          "flashinfer": pytest.approx(0.7531, abs=1e-4)}
+    assert got["memory_bound_long_req_s"] == {"tca": pytest.approx(0.4636, abs=1e-4),
+                                              "flashinfer": pytest.approx(0.2458, abs=1e-4)}
     assert got["agent_req_s"] == {"tca": pytest.approx(0.9846, abs=1e-4), "flashinfer": pytest.approx(0.5945, abs=1e-4)}
     assert got["cache_hit_rate_gsp"] == {"tca": 0.5862, "flashinfer": 0.4735}
     assert got["gsp_bench_serving"]["source"].endswith("h200_2026-12-02b.jsonl")
@@ -55,6 +58,7 @@ def test_a_part_with_one_backend_is_not_run_and_errors_are_skipped(tmp_path):
     recs.append({"part": "gsp", "backend": "flashinfer", "request_throughput": 1.0, "cache_hit_rate": 0.5})
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     got = report([f], tmp_path / "out")
+    assert got["memory_bound_long_req_s"]["tca"] is None
     assert got["agent_req_s"] == {"tca": 2.0, "flashinfer": 1.0} and got["cache_hit_rate_gsp"]["tca"] == 0.7
 
 
