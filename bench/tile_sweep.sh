@@ -8,7 +8,7 @@
 # heuristic) and, after each configuration, rewrites $OUT/tile_sweep.json (every run's rows by configuration) and
 # $OUT/tile_sweep.txt (a table: ms per layer call), so a call cut short still brings back what ran.
 # Configurations still to run when SWEEP_S seconds have passed are skipped.
-# prefill_tiles_h200.md's sweeps ran as bench/prefill_tile_sweep.sh, this script before MODE.
+# kernel_tiles_h200.md's sweeps ran as bench/prefill_tile_sweep.sh, this script before MODE.
 set -uo pipefail
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"

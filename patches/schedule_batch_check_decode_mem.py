@@ -7,6 +7,7 @@ memory even after retracting all other requests") while the server goes on, inst
 from sglang.srt.plugins.hook_registry import HookType
 
 from patches import install_hook
+from sglang_tca.serving.selection import decode_block_ends
 
 TARGET = "sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem"
 
@@ -16,9 +17,8 @@ def hook(result, self, selected_indices=None, *args, **kwargs):
     if not result or store is None:
         return result
     reqs = self.reqs if selected_indices is None else [self.reqs[i] for i in selected_indices]
-    # the next decode writes position kv_committed_len; the block ends there when the sequence then fills it
-    ends = [r.kv_committed_len + 1 == store.block for r in reqs if (r.kv_committed_len + 1) % store.block == 0]
-    return store.can_reserve(ends)
+    lens = [r.kv_committed_len + 1 for r in reqs]        # the next decode writes position kv_committed_len
+    return store.can_reserve([lens[i] == store.block for i in decode_block_ends(lens, store.block)])
 
 
 def install():

@@ -10,7 +10,7 @@ import torch
 from sglang_tca.algorithm import select
 from sglang_tca.params import TCAParams, dense_start
 from sglang_tca.kernels.selection import select_blocks
-from sglang_tca.serving.selection import block_end_rows, pack_bits, unpack_bits
+from sglang_tca.serving.selection import block_end_rows, decode_block_ends, pack_bits, unpack_bits
 
 HQ, HKV, D, B, W, LAYERS = 6, 2, 16, 8, 32, 4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,3 +203,11 @@ def test_block_end_rows_are_the_selecting_tokens():
         assert positions == pos[want].tolist(), (prefix, ext)
     assert block_end_rows([0], [B], B) == ([B - 1], [B - 1])                       # block 0 ends at b - 1
     assert block_end_rows([0, 3], [B, B], B) == ([B - 1, B + B - 4], [B - 1, B - 1])
+
+
+def test_decode_block_ends_agree_with_the_extend_rule():
+    """A decode step is an extend of one token at position n - 1: its rows that end a block are the ones
+    block_end_rows finds for that one-token extend (the sink's end at length b included, nothing at length 0)."""
+    lens = [0, 1, B - 1, B, B + 1, 2 * B, 3 * B - 1, 5 * B]
+    want = [i for i, n in enumerate(lens) if n and block_end_rows([n - 1], [1], B)[0]]
+    assert decode_block_ends(lens, B) == want == [3, 5, 7]

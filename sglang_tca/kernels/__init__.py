@@ -7,6 +7,7 @@
   for one block at a time), writing each block's keep mask into the compressed store's table.
 * `compaction.compact_blocks`: copies the kept rows of those blocks into the compressed store.
 * `kept_lists.kept_lists`: the kept-token lists a batch's queries read from the store.
+* `device.sm_count`: the SM count the launch heuristics size their grids by.
 
 Only torch, triton and sglang_tca's reference algorithm are imported here (no sglang), so the kernels also run on a
 bare GPU box and on CPU under TRITON_INTERPRET=1 (fp32 / fp16 only there).

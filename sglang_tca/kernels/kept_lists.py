@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang_tca.kernels.sparse_attention import sm_count
+from sglang_tca.kernels.device import sm_count
 
 PROGRAMS_PER_SM = 16       # default grid of one launch: about this many programs per SM (all resident at once)
 

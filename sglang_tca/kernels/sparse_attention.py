@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang_tca.kernels.device import sm_count
+
 _LOG2E = 1.4426950408889634
 _SEARCH_SAMPLE = 1024          # level-1 sample count of the in-kernel kept-list search
 
@@ -334,16 +336,6 @@ def _tca_merge_kernel(
     tl.store(O + t.to(tl.int64) * stride_ot + hq * stride_oh + offs_dv, res.to(O.dtype.element_ty), mask=mdv)
 
 
-SM_COUNT_CACHE: dict = {}
-
-
-def sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in SM_COUNT_CACHE:
-        SM_COUNT_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return SM_COUNT_CACHE[idx]
-
-
 def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.Tensor, dense_base: int,
                          num_kv_heads: int, l2d: torch.Tensor, req_to_token: torch.Tensor,
                          req_pool_indices: torch.Tensor, q_start_pos: torch.Tensor, qo_indptr: torch.Tensor,
@@ -396,7 +388,9 @@ def tca_sparse_attention(q: torch.Tensor, arena_k: torch.Tensor, arena_v: torch.
     block_m = max(block_m, triton.next_power_of_2(G), 16)
     block_q = block_m // G
     if block_n is None:
-        block_n = 64
+        # H200 decode sweep (bench/tile_sweep.sh MODE=decode, 2026-12-03): 128 keys per step at BLOCK_M 16 beat 64
+        # by 1.1-1.8x (bs 1-64, 4K-32K); prefill keeps 64 (kernel_tiles_h200.md)
+        block_n = 128 if block_m == 16 else 64
     q_tiles = triton.cdiv(max_q_len, block_q)
     if num_kv_splits is None:
         # H100 sweep (bench/kernel_bench.py, 32K, bs 1/16): decode wants ~8 programs per SM; prefill has plenty

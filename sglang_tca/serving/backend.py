@@ -2,7 +2,7 @@
 compressed store (sglang_tca.serving.store) and the dense pool (sglang_tca.serving.pool).
 
 Per batch (`init_forward_metadata*`, on the host, no device synchronisation): the tokens that end a block are found
-from host lengths (extend: `selection.block_end_rows`; decode: rows whose sequence length is a multiple of the block)
+from host lengths (extend: `selection.block_end_rows`; decode: `selection.decode_block_ends`)
 and each such block gets its worst case of store pages (`CompressedStore.begin_forward`).
 
 Per layer, in extend (prefill chunks) and decode alike:
@@ -39,7 +39,7 @@ from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import dense_start
 from sglang_tca.serving.pool import TCAKVPool
-from sglang_tca.serving.selection import block_end_rows
+from sglang_tca.serving.selection import block_end_rows, decode_block_ends
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class TCAAttnBackend(TritonAttnBackend):
         scheduler may rewrite the shared ones while a decode CUDA graph replays."""
         bs = fb.batch_size
         seq = (fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu())[:bs].tolist()
-        ends = [i for i, n in enumerate(seq) if n % self.block == 0 and n > 0]
+        ends = decode_block_ends(seq, self.block)
         if ends:
             self.store.res_pages[:bs].zero_()          # rows that end no block point at the trash page
             self._reserve([seq[i] - 1 for i in ends], ends)

@@ -10,8 +10,8 @@ cached prefix reads exactly the records the first request wrote, and prefix puri
 computation would give. No payload travels with radix nodes.
 
 The selection itself is one Triton launch per layer (`sglang_tca.kernels.selection.select_blocks`, the same math as
-`sglang_tca.algorithm`); here: `block_end_rows` finds the block-end tokens of an extend batch on the host, and
-`pack_bits` / `unpack_bits` convert masks (tests, statistics). Tests: tests/test_selection.py (against
+`sglang_tca.algorithm`); here: `block_end_rows` and `decode_block_ends` find the block-end tokens of an extend or
+decode batch on the host, and `pack_bits` / `unpack_bits` convert masks (tests, statistics). Tests: tests/test_selection.py (against
 sglang_tca.algorithm).
 """
 from __future__ import annotations
@@ -41,3 +41,11 @@ def block_end_rows(prefix_lens, extend_lens, block: int) -> tuple[list[int], lis
         rows.extend(range(off + first - p, off + e, block))
         off += e
     return rows, positions
+
+
+def decode_block_ends(seq_lens, block: int) -> list[int]:
+    """Indices of the decode rows whose token completes a block, given each row's sequence length after the step
+    (host ints): a positive multiple of the block. Used by the backend (forward's seq_lens) and by SGLang's decode
+    memory check (patches/schedule_batch_check_decode_mem: the length the next step will have). A row's block is
+    the sink when its length is the block."""
+    return [i for i, n in enumerate(seq_lens) if n > 0 and n % block == 0]
