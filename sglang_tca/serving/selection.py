@@ -11,8 +11,8 @@ computation would give. No payload travels with radix nodes.
 
 The selection itself is one Triton launch per layer (`sglang_tca.kernels.selection.select_blocks`, the same math as
 `sglang_tca.algorithm`); here: `block_end_rows` and `decode_block_ends` find the block-end tokens of an extend or
-decode batch on the host, and `pack_bits` / `unpack_bits` convert masks (tests, statistics). Tests: tests/test_selection.py (against
-sglang_tca.algorithm).
+decode batch on the host, and `pack_bits` / `unpack_bits` convert masks (tests, statistics). Tests:
+tests/test_selection.py (against sglang_tca.algorithm).
 """
 from __future__ import annotations
 
