@@ -129,8 +129,10 @@ NOTES = {
   and 64 on average over its decode batches. What held TCA back is its split: with `--max-running-requests 128` the
   dense pool is sized for 128 requests' windows (two each while a request decodes: its own and its prompt's locked
   last window; 311,296 tokens, 38.0 GiB) and was at most 68% used, while the store (64.45 GiB, about 1.68M tokens at
-  the budgets' 0.312) was the limit. `--tca-dense-tokens` sets the dense pool by hand (about 216,000 here would have
-  moved ~12 GiB to the store); not re-run: this session's device time was spent.""",
+  the budgets' 0.312) was the limit. `--tca-dense-tokens` sets the dense pool by hand, but the gain here is small:
+  at this load's mean length while decoding (~18.4K tokens) a request needs ~0.67 GiB of store and 0.28 GiB of dense
+  window, so the two parts run out together at ~108 requests with ~265,000 dense tokens; that moves ~5.6 GiB to the
+  store, ~9% more requests at once (~95 instead of ~87), not by itself the 2x. Not re-run.""",
 }
 BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
                 "random_long": "random-ids, 128 distinct 16K prompts, 4096 output tokens, all sent at once",
