@@ -223,14 +223,17 @@ class Harness:
         return err
 
     def decode(self, reqs, token_ids, graph=False, settle=True):
-        from sglang.srt.mem_cache.common import evict_from_tree_cache, free_swa_out_of_window_slots
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.mem_cache.common import evict_from_tree_cache
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-        for r in reqs:                                  # maybe_evict_swa (interval 1): dense slots out of window
-            free_swa_out_of_window_slots(r, r.kv_committed_len, sliding_window_size=self.tree.sliding_window_size
-                                         if hasattr(self.tree, "sliding_window_size") else W + B, page_size=B,
-                                         req_to_token_pool=self.r2t_pool, token_to_kv_pool_allocator=self.alloc,
-                                         is_chunk_cache=self.tree.is_chunk_cache())
+        for r in reqs:                                  # what SGLang's Req says at this point of a decode step
+            r.seqlen = r.kv_committed_len + 1            # the token this step writes is already sampled
+            r.decode_batch_idx = len(r.output_ids)
+        batch = SimpleNamespace(tree_cache=self.tree, forward_mode=ForwardMode.DECODE, reqs=reqs, forward_iter=0,
+                                req_to_token_pool=self.r2t_pool, token_to_kv_pool_allocator=self.alloc)
+        batch._evict_swa = lambda req, pre_len: ScheduleBatch._evict_swa(batch, req, pre_len)
+        ScheduleBatch.maybe_evict_swa(batch)            # SGLang's own: out-of-window slots, the prompt window's lock
         evict_from_tree_cache(self.tree, len(reqs) * B)
         r2t = self.r2t_pool.req_to_token
         seq = [r.kv_committed_len + 1 for r in reqs]
@@ -613,3 +616,48 @@ def test_building_tcas_allocator_sets_sglangs_swa_switches(harness, monkeypatch)
         monkeypatch.delenv(k)
     harness()
     assert {k: os.environ.get(k) for k in SCHEDULER_ENV} == SCHEDULER_ENV
+
+
+def test_a_long_generation_releases_its_prompts_window_to_the_radix_cache(harness):
+    """SCHEDULER_ENV's RELEASE_LEAF_LOCK_AFTER_WINDOW: the prompt's last window is locked only until the request has
+    decoded window + block tokens (its own window no longer reaches the prompt); then it is evictable, not held, so a
+    decoding request holds one window, not two, while the window stays dense for reuse: a later request on the same
+    prompt reuses all of it. When dense memory runs short the released window is reclaimed while the request still
+    decodes exactly, and a later request then reuses less of the prompt and recomputes the rest exactly."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    h = harness()
+    chunks = (64, 64, 64, 8)
+    for k, (answer, pressure) in enumerate(((W // 2, False), (W + B + 8, False), (W + B + 8, True))):
+        doc = ids(40 + k, sum(chunks))
+        a = h.new_request(doc)
+        for n in chunks:
+            assert h.extend([a], [n]) < 1e-4
+        protected = []
+        for t in range(answer):
+            assert h.decode([a], [t % VOCAB]) < 1e-4
+            h.check(running=[a])
+            protected.append(h.tree.swa_protected_size())
+        assert protected[0] >= W                                          # the prompt's last window is locked
+        long_answer = answer > W + B
+        assert a.swa_prefix_lock_released == long_answer
+        # released: locked -> evictable (the conservation check after every step: nothing lost)
+        assert protected[-1] == (0 if long_answer else protected[0]), protected
+        if pressure:
+            h.tree.evict(EvictParams(num_tokens=0, swa_num_tokens=h.tree.swa_evictable_size()))
+            assert h.tree.swa_evictable_size() == 0
+            for t in range(4):
+                assert h.decode([a], [t + 1]) < 1e-4
+                h.check(running=[a])
+        h.finish(a)
+        h.check()
+        b = h.new_request(doc + ids(50, 20))
+        if pressure:
+            assert b.kv_committed_len < len(doc), b.kv_committed_len       # no dense window left to match at
+        else:
+            assert b.kv_committed_len == len(doc), (answer, b.kv_committed_len)
+        assert h.extend([b], [len(b.origin_input_ids) - b.kv_committed_len]) < 1e-4
+        for t in range(3):
+            assert h.decode([b], [t + 1]) < 1e-4
+        h.finish(b)
+        h.check()

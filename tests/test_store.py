@@ -260,7 +260,7 @@ def test_plan_dense_pool_choices_and_errors():
     by_share = llama_plan()
     assert by_share.dense_tokens == pytest.approx(0.2 * by_share.budget_bytes / by_share.dims.cell, rel=0.01)
     by_requests = llama_plan(dense_requests=16)
-    assert by_requests.dense_tokens == 2 * 8192 + 16 * (2 * (1024 + 64) + 128)
+    assert by_requests.dense_tokens == 2 * 8192 + 16 * (3 * (1024 + 64) // 2 + 128)   # 1.5 windows each
     explicit = llama_plan(dense_tokens=10 ** 5)
     assert explicit.dense_tokens == math.ceil(10 ** 5 / 64) * 64 and explicit.heap_pages > by_share.heap_pages
     assert llama_plan(dense_tokens=10).dense_tokens >= 2 * 8192            # never below two chunks + four windows

@@ -135,8 +135,12 @@ def hybrid_swa_view(result):
 # (their tokens live on in the compressed store) at every decode step's check (SGLang checks every 128th forward of the
 # running batch, which alternating prefill and decode can skip for ever; a request frees at most once per block), and
 # after each prefill chunk is cached (SGLang keeps a cached chunk dense until memory runs short). The last window of each
-# cached chunk stays dense and evictable: a later request can reuse the prefix up to there.
-SCHEDULER_ENV = {"SGLANG_SWA_EVICTION_INTERVAL": "1", "SGLANG_OPT_UNIFIED_CACHE_FREE_OUT_OF_WINDOW_SLOTS": "1"}
+# cached chunk stays dense and evictable: a later request can reuse the prefix up to there. The last window of a
+# request's prompt is locked while the request decodes only until its own window has left the prompt (window + block
+# tokens decoded); then SGLang's radix cache makes it evictable (RELEASE_LEAF_LOCK_AFTER_WINDOW), so a decoding
+# request holds one window, not two, and the prompt's window stays reusable until dense memory runs short.
+SCHEDULER_ENV = {"SGLANG_SWA_EVICTION_INTERVAL": "1", "SGLANG_OPT_UNIFIED_CACHE_FREE_OUT_OF_WINDOW_SLOTS": "1",
+                 "SGLANG_OPT_SWA_RELEASE_LEAF_LOCK_AFTER_WINDOW": "1"}
 
 
 def set_scheduler_env(environ=os.environ) -> None:

@@ -168,17 +168,20 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
 
     max_requests: SGLang's request rows (bounds the blocks one forward can complete). The dense pool is
     `dense_tokens` if given; else, with `dense_requests` (the user's --max-running-requests), enough for that many
-    windows plus two prefill chunks; else `dense_share` of the budget. It is never smaller than two prefill chunks
-    plus four windows (a request must be able to run). Raises SizingError when the budget is too small."""
+    requests' windows (one and a half each, see below) plus two prefill chunks; else `dense_share` of the budget.
+    It is never smaller than two prefill chunks plus four requests at their peak (a request must be able to run).
+    Raises SizingError when the budget is too small."""
     if not 0.0 <= expected_share <= 1.0:
         raise SizingError(f"expected kept share must be in [0, 1], got {expected_share}")
-    # A running request holds its own window and, while it decodes, the last window of its prompt (SGLang's SWA lock
-    # on the cached prompt), plus partial pages.
-    per_request = 2 * (window + block) + 2 * block
-    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * per_request, block)
+    # A running request holds its own window plus partial pages and, until it has decoded window + block tokens, the
+    # last window of its cached prompt (the radix cache's SWA lock, evictable after that: SCHEDULER_ENV in memory.py).
+    # So two windows at its peak, and about one and a half on average while requests start and finish in turn.
+    peak_request = 2 * (window + block) + 2 * block
+    mean_request = 3 * (window + block) // 2 + 2 * block
+    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * peak_request, block)
     if dense_tokens is None:
         if dense_requests is not None:
-            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * per_request
+            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * mean_request
         else:
             dense_tokens = int(dense_share * budget_bytes / dims.cell)
     dense_tokens = max(_round_up(dense_tokens, block), min_dense)
