@@ -132,7 +132,11 @@ NOTES = {
   the budgets' 0.312) was the limit. `--tca-dense-tokens` sets the dense pool by hand, but the gain here is small:
   at this load's mean length while decoding (~18.4K tokens) a request needs ~0.67 GiB of store and 0.28 GiB of dense
   window, so the two parts run out together at ~108 requests with ~265,000 dense tokens; that moves ~5.6 GiB to the
-  store, ~9% more requests at once (~95 instead of ~87), not by itself the 2x. Not re-run.""",
+  store, ~9% more requests at once (~95 instead of ~87), not by itself the 2x. Not re-run.
+  Since e4a5c42 (2026-12-04) the second window is gone after a request's first window + block tokens: the prompt's
+  window becomes evictable then (SGLang's RELEASE_LEAF_LOCK_AFTER_WINDOW), and the pool under
+  --max-running-requests is sized at 1.5 windows per request (here ~241K dense tokens, ~8.5 GiB more store).
+  Not yet measured on the GPU: that session's machine stopped answering before the job started.""",
 }
 BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
                 "random_long": "random-ids, 128 distinct 16K prompts, 4096 output tokens, all sent at once",
