@@ -263,7 +263,7 @@ def test_plan_dense_pool_choices_and_errors():
     assert by_requests.dense_tokens == 2 * 8192 + 16 * (3 * (1024 + 64) // 2 + 128)   # 1.5 windows each
     explicit = llama_plan(dense_tokens=10 ** 5)
     assert explicit.dense_tokens == math.ceil(10 ** 5 / 64) * 64 and explicit.heap_pages > by_share.heap_pages
-    assert llama_plan(dense_tokens=10).dense_tokens >= 2 * 8192            # never below two chunks + four windows
+    assert llama_plan(dense_tokens=10).dense_tokens >= 2 * 8192   # never below two chunks + four requests at peak
     streaming = llama_plan(expected_share=0.0)
     assert llama_plan().logical_tokens < streaming.logical_tokens <= 8 * streaming.budget_bytes // streaming.dims.cell
     with pytest.raises(SizingError, match="mem-fraction-static"):

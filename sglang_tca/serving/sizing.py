@@ -178,10 +178,11 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     # So two windows at its peak, and about one and a half on average while requests start and finish in turn.
     peak_request = 2 * (window + block) + 2 * block
     mean_request = 3 * (window + block) // 2 + 2 * block
-    min_dense = _round_up(2 * max(chunk_tokens, block) + 4 * peak_request, block)
+    two_chunks = 2 * max(chunk_tokens, block)
+    min_dense = _round_up(two_chunks + 4 * peak_request, block)
     if dense_tokens is None:
         if dense_requests is not None:
-            dense_tokens = 2 * max(chunk_tokens, block) + dense_requests * mean_request
+            dense_tokens = two_chunks + dense_requests * mean_request
         else:
             dense_tokens = int(dense_share * budget_bytes / dims.cell)
     dense_tokens = max(_round_up(dense_tokens, block), min_dense)
