@@ -1,6 +1,7 @@
 """Memory and memory-bound serving: TCA (freed KV) vs dense SGLang (flashinfer), same machine, same run.
 
     python bench/memory_bench.py run --parts memory random gsp [--backends tca flashinfer] [--deadline-s S] [--out DIR]
+                                     [--num-prompts N]     (random parts: N prompts instead of 128)
     python bench/memory_bench.py report --runs DIR [DIR ...]      (here: writes bench/results/memory.{md,json,png})
 
 Llama-3.1-8B shape with dummy weights (bench/llama31_8b), SmolLM2's tokenizer (carried as .tok), synthetic budgets:
@@ -44,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from http_check import stop  # noqa: E402
-from paired_runs import cli, run_parts  # noqa: E402
+from paired_runs import cli, positive, run_parts  # noqa: E402
 from synthetic_budgets import MODEL, synthetic_budgets  # noqa: E402
 
 TOK = ROOT / ".tok"
@@ -236,9 +237,18 @@ def bench_serving(srv: Server, flags: list[str], out: Path, tag: str, client: st
     return res
 
 
-def part_bench(srv: Server, part: str, out: Path):
+def bench_flags(part: str, num_prompts: int) -> list[str]:
+    """The part's bench_serving flags; the random parts send num_prompts prompts (128 fills an H200's dense pool about
+    three times over; an H100 holds about half the tokens, so half the prompts make as memory-bound a load)."""
+    flags = list(BENCH_FLAGS[part])
+    if part.startswith("random"):
+        flags[flags.index("--num-prompts") + 1] = str(num_prompts)
+    return flags
+
+
+def part_bench(srv: Server, part: str, out: Path, num_prompts: int):
     client = "sglang-oai-chat" if part == "gsp" else "sglang"     # bench_serving's multi-turn needs a chat backend
-    res = bench_serving(srv, BENCH_FLAGS[part], out, part, client)
+    res = bench_serving(srv, bench_flags(part, num_prompts), out, part, client)
     if srv.backend == "tca":
         res["tca_after"] = srv.info()["tca"]
     return res
@@ -248,20 +258,23 @@ def run(args):
     def one(part, backend, i):
         srv = Server(backend, Path(args.out), 30000 + i, SERVER_FLAGS[part], part)
         try:
-            res = part_memory(srv, args.concurrent) if part == "memory" else part_bench(srv, part, Path(args.out))
+            res = (part_memory(srv, args.concurrent) if part == "memory"
+                   else part_bench(srv, part, Path(args.out), args.num_prompts))
             return {"server_start_s": srv.start_s, **res}
         finally:
             srv.stop()
 
     run_parts("memory", args, ESTIMATE_S, one,
-              lambda part, backend: {"mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part]})
+              lambda part, backend: {"mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part],
+                                     **({"num_prompts": args.num_prompts} if part.startswith("random") else {})})
 
 
 def main():
     from memory_report import report
 
     cli(__doc__, "memory", list(SERVER_FLAGS), run, report, required_parts=True,
-        extra=lambda r: r.add_argument("--concurrent", type=int, default=17))
+        extra=lambda r: (r.add_argument("--concurrent", type=int, default=17),
+                         r.add_argument("--num-prompts", type=positive(), default=128)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def _bench_part(recs, part):
         return None
     t, d = paired(recs, part)
     return {"device": t.get("device"), "date": t.get("date"), "source": t["_source"], "command": t.get("command"),
-            "server_flags": t.get("server_flags"),
+            "server_flags": t.get("server_flags"), "num_prompts": t.get("num_prompts", 128),
             **{k: {"tca": t.get(k), "flashinfer": d.get(k)} for k in BENCH_KEYS},
             "request_throughput_ratio": round(t["request_throughput"] / d["request_throughput"], 3)}
 
@@ -138,8 +138,8 @@ NOTES = {
   --max-running-requests is sized at 1.5 windows per request (here ~241K dense tokens, ~8.5 GiB more store).
   Not yet measured on the GPU: that session's machine stopped answering before the job started.""",
 }
-BENCH_TITLES = {"random": "random-ids, 128 distinct 16K prompts, 1024 output tokens, all sent at once",
-                "random_long": "random-ids, 128 distinct 16K prompts, 4096 output tokens, all sent at once",
+BENCH_TITLES = {"random": "random-ids, {n} distinct 16K prompts, 1024 output tokens, all sent at once",
+                "random_long": "random-ids, {n} distinct 16K prompts, 4096 output tokens, all sent at once",
                 "gsp": "generated-shared-prefix, 4 system prompts of 32K x 4 conversations, 3 turns of 1K question + "
                        "256 answer, all sent at once (chat API)"}
 
@@ -159,7 +159,7 @@ def _bench_table(o: dict) -> str:
                 ("prefix cache hit rate (cached / prompt tokens, server counters)", "cache_hit_rate", "{:.3f}")]
         cell = lambda v, f: "" if v is None else f.format(v)  # noqa: E731 - a field bench_serving did not write
         body = "".join(f"| {t} | {cell(b[k]['tca'], f)} | {cell(b[k]['flashinfer'], f)} |\n" for t, k, f in rows)
-        out.append(f"""- **{part}** ({BENCH_TITLES[part]}), {b['device']}, {b['date']}, raw `{b['source']}`; both servers
+        out.append(f"""- **{part}** ({BENCH_TITLES[part].format(n=b['num_prompts'])}), {b['device']}, {b['date']}, raw `{b['source']}`; both servers
   with `{' '.join(b['server_flags'] or [])}`; TCA / flashinfer request throughput **{b['request_throughput_ratio']:.2f}**.
   Client: `{b['command']}`.
 
@@ -172,6 +172,7 @@ def _bench_table(o: dict) -> str:
 
 def _markdown(o: dict, run: dict) -> str:
     b = o["kv_bytes_per_token_128k"]
+    prompts = lambda part: (o[f"{part}_bench_serving"] or {}).get("num_prompts", 128)  # noqa: E731
     rows = [
         ("KV bytes per token, one 128K request while it decodes (held: store rows, tables, its dense window)",
          f"{b['tca']}", f"{b['flashinfer']}", f"{o['kv_bytes_per_token_ratio_128k']:.3f}"),
@@ -183,9 +184,9 @@ def _markdown(o: dict, run: dict) -> str:
         (f"128K requests running at once ({o['concurrent_sent']} sent together)",
          str(o["max_concurrent_128k"]["tca"]), str(o["max_concurrent_128k"]["flashinfer"]),
          f"{o['max_concurrent_128k_ratio']:.2f}"),
-        ("bench_serving random-ids, 128 x 16K in / 1024 out: request throughput (req/s)",
+        (f"bench_serving random-ids, {prompts('random')} x 16K in / 1024 out: request throughput (req/s)",
          *_fmt_pair(o["memory_bound_req_s"])),
-        ("bench_serving random-ids, 128 x 16K in / 4096 out: request throughput (req/s)",
+        (f"bench_serving random-ids, {prompts('random_long')} x 16K in / 4096 out: request throughput (req/s)",
          *_fmt_pair(o["memory_bound_long_req_s"])),
         ("bench_serving generated-shared-prefix, 3 turns: request throughput (req/s)", *_fmt_pair(o["agent_req_s"])),
     ]

@@ -19,6 +19,19 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def positive(kind: Callable = int) -> Callable[[str], object]:
+    """An argparse type: a number of `kind` above 0, with a one-line error otherwise."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return parse
+
+
 def run_parts(name: str, args, estimate_s: dict, one: Callable[[str, str, int], dict], base: Callable[[str, str], dict]):
     """For each part of args.parts and each backend of args.backends: the record base(part, backend) (device, date
     and `base`'s fields) updated with one(part, backend, index), or with "error" when `one` raised."""

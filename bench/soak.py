@@ -54,6 +54,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from http_check import start, stop  # noqa: E402
+from paired_runs import positive  # noqa: E402
 
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
@@ -868,17 +869,6 @@ def cap_log(path: Path, limit: int = LOG_LIMIT) -> None:
 
 
 def parse_args(argv=None):
-    def positive(kind):
-        def parse(s):
-            try:
-                v = kind(s)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-            if v <= 0:
-                raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-            return v
-        return parse
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the converted SmolLM2 folder (gpu_smollm2.sh: /tmp/smollm2)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/soak"), help="where soak.json, soak.md, server.log go")

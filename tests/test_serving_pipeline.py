@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from sglang_tca.algorithm import masked_attention, select, visible
+from sglang_tca.algorithm import masked_attention, prompt_mask, select, visible, with_observed
 from sglang_tca.kernels.compaction import compact_blocks
 from sglang_tca.kernels.kept_lists import kept_lists
 from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import TCAParams, dense_start
-from sglang_tca.serving.selection import block_end_rows
+from sglang_tca.serving.observe import ObservingPrompt, observe_layer, rebuild
+from sglang_tca.serving.selection import block_end_rows, unpack_bits
 from sglang_tca.serving.sizing import MemoryPlan, ModelDims
 from sglang_tca.serving.store import CompressedStore
 
@@ -67,6 +68,8 @@ class FakeServer:
         self.thr, self.policy = thr, policy
         self.p = TCAParams(B, W, policy=policy)
         self.seqs = {}                          # row -> (q, k, v) of every layer, [layers, heads, ctx, D]
+        self.hold_dense = set()                 # rows whose prompt observes: nothing freed until its last forward
+        self.observed = {}                      # row -> per layer, its prompt's observed choice (the reference's)
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def dense_k(self, layer):
@@ -104,7 +107,10 @@ class FakeServer:
             self.l2d[lp * B + t % B] = dp * B + t % B
 
     def free_out_of_window(self, row):
-        """SGLang's rule: a request keeps the last SWA_WINDOW tokens dense (at page granularity)."""
+        """SGLang's rule: a request keeps the last SWA_WINDOW tokens dense (at page granularity); an observing
+        prompt keeps everything until its last forward."""
+        if row in self.hold_dense:
+            return
         upto = (max(self.len[row] - SWA_WINDOW, 0) // B) * B
         for t0 in range(max(self.dense_from[row], self.owned_from[row]), upto, B):
             lids = self.r2t[row, t0:t0 + B].long()
@@ -116,8 +122,9 @@ class FakeServer:
             self.free_dp.insert(0, int(slots[0]) // B)
         self.dense_from[row] = max(self.dense_from[row], upto)
 
-    def forward(self, batch, decode=False):
-        """Run one forward over [(row, n_new_tokens)]; returns the max abs error against the reference."""
+    def forward(self, batch, decode=False, observe=0):
+        """Run one forward over [(row, n_new_tokens)]; returns the max abs error against the reference. With
+        observe = N, the prompts of the rows in `hold_dense` end in this forward and observe (serving.observe)."""
         starts = [self.len[r] for r, _ in batch]
         for (r, n), s in zip(batch, starts):
             self._alloc(r, s, n)
@@ -141,6 +148,10 @@ class FakeServer:
                     self.store.res_pages[i] = 0
         qo = torch.tensor([0] + [n for _, n in batch]).cumsum(0).int()
         err = 0.0
+        p_obs = TCAParams(B, W, policy=self.policy, observe=observe)
+        prompts = [ObservingPrompt(r, s + n, int(qo[i + 1])) for i, ((r, n), s) in enumerate(zip(batch, starts))
+                   if observe and r in self.hold_dense]
+        rebuilt = None
         for l in range(LAYERS):
             q = torch.cat([self.seqs[r][0][l, :, s:s + n].transpose(0, 1) for (r, n), s in zip(batch, starts)])
             k = torch.cat([self.seqs[r][1][l, :, s:s + n].transpose(0, 1) for (r, n), s in zip(batch, starts)])
@@ -162,14 +173,31 @@ class FakeServer:
             out = tca_sparse_attention(q, self.arena_k, self.arena_v, self.plan.dense_base(l), HKV, self.l2d,
                                        self.r2t, rows, torch.tensor(starts), qo, indptr, kept_row, kept_pos, B, W,
                                        D ** -0.5)
+            for prompt in prompts:
+                observe_layer(q, out, l, prompt, store=self.store, arena_k=self.arena_k, arena_v=self.arena_v,
+                              dense_base=self.plan.dense_base(l), l2d=self.l2d, req_to_token=self.r2t, p=p_obs,
+                              scale=D ** -0.5)
+            if prompts and l == LAYERS - 1:
+                rebuilt = rebuild(prompts, store=self.store, arena_k=self.arena_k, arena_v=self.arena_v,
+                                  dense_bases=[self.plan.dense_base(x) for x in range(LAYERS)], l2d=self.l2d,
+                                  req_to_token=self.r2t, p=p_obs, first_slot=len(slots))
             for i, ((r, n), s) in enumerate(zip(batch, starts)):
                 qf, kf, vf = (x[l, :, :s + n] for x in self.seqs[r])
                 keep, _ = select(qf, kf, self.thr[l], self.p, layer=l)
-                mask = visible(keep, torch.arange(s, s + n), s + n, self.p)
+                if any(pr.row == r for pr in prompts):
+                    mask, observed = prompt_mask(qf, kf, keep, p_obs, D ** -0.5, q_start=s)
+                    self.observed.setdefault(r, {})[l] = observed
+                else:
+                    if r in self.observed:                  # decode after an observed prompt
+                        keep = with_observed(keep, self.observed[r][l], B)
+                    mask = visible(keep, torch.arange(s, s + n), s + n, self.p)
                 want = masked_attention(qf[:, s:], kf, vf, mask, D ** -0.5).transpose(0, 1)
                 err = max(err, float((out[qo[i]:qo[i + 1]] - want).abs().max()))
-        self.store.end_forward(pending)
-        self.store.settle(pending)
+        for pend in (pending, rebuilt):
+            self.store.end_forward(pend)
+        for pend in (pending, rebuilt):
+            self.store.settle(pend)
+        self.hold_dense -= {pr.row for pr in prompts}
         for (r, n) in batch:
             self.len[r] += n
             self.free_out_of_window(r)
@@ -190,6 +218,39 @@ def test_chunked_prefill_then_decode_on_freed_memory(policy):
     assert srv.store.n_records == sum(n // B for n in srv.len)          # one record per completed block
     kept = srv.store.record_pages
     assert kept < srv.store.n_records * srv.plan.max_pages_per_record   # reservations were refunded
+
+
+@pytest.mark.parametrize("final_chunk", [40, 9])
+def test_an_observing_prompt_rechooses_its_records_then_decode_reads_them(final_chunk):
+    """--tca-observe on freed memory (serving.observe): a prompt kept dense until its last forward, in which its last
+    N queries re-choose the compressed tokens (the same number per KV head) and attend again, and its records are
+    rebuilt from the dense slots; then its out-of-window slots are freed and poisoned, and decode reads the choice
+    from the store. Outputs equal `algorithm.prompt_mask` (prompt) and the reference decode after it; a request
+    beside it in the same batches stays prefix-pure."""
+    n_obs = 8
+    srv = FakeServer(thresholds())
+    srv.new_sequence(0)
+    srv.new_sequence(1)
+    srv.hold_dense.add(0)
+    errs = [srv.forward([(0, 45), (1, 30)]), srv.forward([(0, 106 - 45 - final_chunk), (1, 50)])]
+    assert srv.dense_from[0] == 0 and srv.dense_from[1] > 0              # only the observing prompt stays dense
+    errs.append(srv.forward([(0, final_chunk), (1, 7)], observe=n_obs))
+    for _ in range(12):
+        errs.append(srv.forward([(0, 1), (1, 1)], decode=True))
+    assert max(errs) < 1e-4, errs
+    ds = int(dense_start(106, B, W))
+    q, k, _ = srv.seqs[0]
+    pure = [select(q[l, :, :106], k[l, :, :106], srv.thr[l], srv.p, layer=l)[0][:, B:ds] for l in range(LAYERS)]
+    assert sum(int((pure[l] != srv.observed[0][l]).sum()) for l in range(LAYERS)) > 0   # other tokens were chosen
+    assert srv.dense_from[0] > B                                          # and the prompt's dense slots were freed
+    pages = (srv.r2t[0, B:ds:B] // B).long()
+    bits = unpack_bits(srv.store.mask[pages], B)                          # [blocks, layers, Hkv, b]
+    for l in range(LAYERS):                                               # per (layer, head): as many rows as before
+        assert torch.equal(bits[:, l].sum((0, 2)), pure[l].sum(-1))
+    for page, rows in zip(pages.tolist(), bits.sum((1, 2, 3)).tolist()):  # each record exact
+        assert len(srv.store.rec_pages[page]) == math.ceil(rows / PAGE_ROWS)
+    assert srv.store.n_records == sum(n // B for n in srv.len)
+    srv.store.check()
 
 
 def test_keep_all_equals_dense_attention():

@@ -72,6 +72,30 @@ def test_a_record_freed_before_its_forward_settles_returns_everything():
     s.check(live_logical_pages=np.array([3, 4]))
 
 
+def test_replaced_records_are_exact_and_the_old_ones_give_their_pages_back():
+    """The question-aware end of prompt (serving.observe) replaces a prompt's records inside the forward it launched
+    last: settled old records return their pages at once, the ones that forward launched at its settlement; the new
+    records keep exactly their pages and nothing is lost or counted twice at any point."""
+    s = CompressedStore(plan(), "cpu", chunk_tokens=64)
+    total = s.free_pages
+    s.settle(run_forward(s, [3, 4], [20, 9]))                              # 3 + 2 pages, settled
+    p1 = run_forward(s, [5, 6], [1, 30])                                  # the last forward: 5 and 6 in flight
+    new = s.replace_records([3, 4, 5], np.array([8, 17, 25]), [2, 3, 4])  # 1 + 3 + 4 pages
+    assert s.n_records == 2 + 3 and not s.alive[[3, 4]].any()          # p1's two, the three new
+    s.check()
+    s.out_page[2:5] = torch.tensor([3, 4, 5])
+    s.out_rows[2:5] = torch.tensor([8, 17, 25], dtype=torch.int32)
+    s.end_forward(new)
+    s.settle(p1)
+    assert s.alive[6] and not s.alive[5]                                   # 5's first record left nothing
+    s.settle(new)
+    assert [s.rec_pages[p].size for p in (3, 4, 5, 6)] == [1, 3, 4, 4]
+    assert s.n_records == 4 and s.free_pages == total - 12
+    s.check(live_logical_pages=np.array([3, 4, 5, 6]))
+    with pytest.raises(StoreExhausted):                                   # 30 full records: 120 pages
+        s.replace_records(np.arange(7, 37), np.full(30, 32), list(range(30)))
+
+
 def test_settle_checks_order_and_bounds():
     s = CompressedStore(plan(), "cpu", chunk_tokens=64)
     p1 = run_forward(s, [1], [8])

@@ -15,6 +15,8 @@ The host decides everything that the scheduler sees (rank-uniform by constructio
     for the record and returns the rest.
   * When SGLang frees logical pages (`release`, from the logical allocator), their records' pages return. A record
     freed before its forward settled (a request retracted right after its launch) is recognised by the launch epoch.
+  * The question-aware end of prompt (`serving.observe`) re-chooses a prompt's blocks inside its last forward
+    (`replace_records`): the old records give their pages back and the new ones get exactly the pages they need.
   * `token_capacity` converts free pages into the logical tokens the scheduler may still admit: pages in use are
     counted exactly, pages of blocks not yet completed at the expected share, and the worst case of the next
     forwards is held back.
@@ -148,14 +150,18 @@ class CompressedStore:
         if not first_block:
             return None
         need = self.pages_for(first_block)
-        if not self.can_reserve(first_block):
+        if sum(need) > self._top:
             raise StoreExhausted(f"TCA compressed store: a forward needs up to {sum(need)} pages, {self._top} are "
                                  f"free; the admission accounting should have held them back (a bug; please report)")
+        return self._reserve(need, slots)
+
+    def _reserve(self, need: Sequence[int], slots: Sequence[int]) -> Pending:
+        """A new launch: need[i] pages for new record i, written to row slots[i] of the device reservation table."""
         self.launches += 1
         self.version += 1
-        reserved = [self._pop(n) for n in need]
+        reserved = [self._pop(int(n)) for n in need]
         self.n_records += len(reserved)
-        self._reserved_pages += sum(need)
+        self._reserved_pages += int(sum(need))
         table = np.zeros((len(reserved), self.plan.max_pages_per_record), dtype=np.int32)
         for i, r in enumerate(reserved):
             table[i, :len(r)] = r
@@ -230,6 +236,26 @@ class CompressedStore:
                 self._record_pages -= len(self.rec_pages[p])
                 self.rec_pages[p] = None
                 self.n_records -= 1
+
+    def replace_records(self, logical_pages: Sequence[int], rows: np.ndarray, slots: Sequence[int]) -> Pending:
+        """Inside the forward launched last (the question-aware end of prompt, `serving.observe`): the records of
+        these logical pages, each settled or launched by this forward, get new contents of rows[i] rows (max over
+        ranks), which this forward compacts into rows `slots` of the reservation table. The new records are exact
+        (ceil(rows / page_rows) pages each) and settle as the forward after this one. The old records give their
+        pages back: settled ones now (their last readers are earlier kernels of this forward on the same stream, so
+        the new contents, enqueued after them, may reuse the pages), the ones this forward launched at its
+        settlement, as records freed after their launch."""
+        pages = np.asarray(logical_pages, dtype=np.int64)
+        need = np.ceil(self.reduce_max(np.asarray(rows, dtype=np.int64)) / self.plan.page_rows).astype(np.int64)
+        if need.max(initial=0) > self.plan.max_pages_per_record:
+            raise RuntimeError(f"TCA record of {int(need.max())} pages, the page table holds "
+                               f"{self.plan.max_pages_per_record} (a bug; please report)")
+        self.release(pages[self.alive[pages]])
+        self.freed_epoch[pages] = self.launches          # the in-flight ones: freed after this forward's launch
+        if need.sum() > self._top:
+            raise StoreExhausted(f"TCA compressed store: replacing {len(pages)} records needs {int(need.sum())} "
+                                 f"pages, {self._top} are free (a bug; please report)")
+        return self._reserve(need.tolist(), slots)
 
     # -- what the scheduler may admit -------------------------------------------------------------------------------
     def token_capacity(self, logical_pages_in_use: int, request_rows_in_use: int) -> int:

@@ -1,0 +1,98 @@
+"""The question-aware end of prompt (`--tca-observe N`, `algorithm.prompt_mask`) on freed memory.
+
+An observing request keeps its whole prompt dense until the forward that processes the prompt's last N queries
+(docs/OBSERVE_DESIGN.md: it neither matches nor inserts in the radix cache, its dense slots are not freed before,
+and no prefill chunk ends among its last N tokens), so every compressed token's K/V is still at its dense slot.
+In that forward, per layer, after the prefix-pure pass (`observe_layer`):
+  1. per KV head, the number of tokens the prefix-pure records of the compressed blocks 1..nc keep
+     (nc = dense_start(n0) / b - 1 at the prompt's length n0);
+  2. `algorithm.observe_keep`: the last N queries choose that many tokens per head among all compressed positions,
+     from the prompt's dense keys;
+  3. the blocks' keep masks in the store become the choice (their rows are rebuilt at the last layer);
+  4. the last N queries attend again (`tca_sparse_attention`, kept lists of the sink and the chosen tokens at their
+     dense rows) and their outputs are overwritten.
+After the last layer's (`rebuild`): the new records' row counts come to the host (the one synchronisation), the
+store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the compaction runs again
+for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from the store.
+Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglang_tca.algorithm import observe_keep
+from sglang_tca.kernels.compaction import compact_blocks
+from sglang_tca.kernels.sparse_attention import tca_sparse_attention
+from sglang_tca.params import TCAParams, dense_start
+from sglang_tca.serving.selection import pack_bits, unpack_bits
+from sglang_tca.serving.store import CompressedStore, Pending
+
+
+@dataclass(frozen=True)
+class ObservingPrompt:
+    row: int          # the request's req_to_token row
+    length: int       # n0: the prompt's length, where this forward's extend of it ends
+    q_end: int        # index past the prompt's last query among the forward's packed queries
+
+
+def compressed_pages(req_to_token: torch.Tensor, prompt: ObservingPrompt, p: TCAParams) -> torch.Tensor:
+    """The logical pages of the blocks 1..nc that are compressed at the prompt's length."""
+    nc = int(dense_start(prompt.length, p.block, p.window)) // p.block - 1
+    cols = torch.arange(1, nc + 1, device=req_to_token.device) * p.block
+    return req_to_token[prompt.row, cols].long() // p.block
+
+
+def _dense_rows(l2d, req_to_token, prompt: ObservingPrompt, dense_base: int, hkv: int) -> torch.Tensor:
+    """[n0, Hkv] arena rows of the prompt's dense K/V (every position is still dense)."""
+    slots = l2d[req_to_token[prompt.row, :prompt.length].long()].long()
+    return dense_base + slots[:, None] * hkv + torch.arange(hkv, device=slots.device)
+
+
+def observe_layer(q: torch.Tensor, out: torch.Tensor, layer: int, prompt: ObservingPrompt, *,
+                  store: CompressedStore, arena_k: torch.Tensor, arena_v: torch.Tensor, dense_base: int,
+                  l2d: torch.Tensor, req_to_token: torch.Tensor, p: TCAParams, scale: float) -> None:
+    """Steps 1-4 of the module docstring for one prompt and one layer. q [T, Hq, D] and out [T, Hq, Dv] are the
+    forward's packed queries and this layer's attention outputs (the prompt's last N rows are overwritten)."""
+    pages = compressed_pages(req_to_token, prompt, p)
+    if pages.numel() == 0:                            # nothing compressed: the prefix-pure pass is the answer
+        return
+    hkv, n_obs, b = store.mask.shape[2], p.observe, p.block
+    rows = _dense_rows(l2d, req_to_token, prompt, dense_base, hkv)                 # [n0, Hkv]
+    k = arena_k[rows].transpose(0, 1)                                              # [Hkv, n0, D]
+    q_obs = q[prompt.q_end - n_obs:prompt.q_end]                                   # [N, Hq, D]
+    counts = unpack_bits(store.mask[pages, layer], b).sum((0, 2))                  # [Hkv]
+    chosen = observe_keep(q_obs.transpose(0, 1), k, counts, p, scale)              # [Hkv, nc * b]
+    store.mask[pages, layer] = pack_bits(chosen.view(hkv, -1, b)).transpose(0, 1)
+    keep = torch.cat([chosen.new_ones(hkv, b), chosen], 1)                          # the sink, then the choice
+    head, pos = keep.nonzero(as_tuple=True)                                         # (head, position) ascending
+    kept_row = rows[pos, head].int()
+    kept_indptr = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).int()
+    dev = q.device
+    tca_sparse_attention(q_obs, arena_k, arena_v, dense_base, hkv, l2d, req_to_token,
+                         torch.tensor([prompt.row], device=dev), torch.tensor([prompt.length - n_obs], device=dev),
+                         torch.tensor([0, n_obs], dtype=torch.int32, device=dev), kept_indptr, kept_row, pos.int(),
+                         b, p.window, scale, out=out[prompt.q_end - n_obs:prompt.q_end], max_q_len=n_obs)
+
+
+def rebuild(prompts: list[ObservingPrompt], *, store: CompressedStore, arena_k: torch.Tensor, arena_v: torch.Tensor,
+            dense_bases: list[int], l2d: torch.Tensor, req_to_token: torch.Tensor, p: TCAParams,
+            first_slot: int) -> Pending | None:
+    """After the last layer's `observe_layer`: the observed blocks' records are replaced by exact ones holding the
+    chosen tokens (reservation rows first_slot.. of this forward). Returns their reservation, which the caller ends
+    and settles after the forward's own (`CompressedStore.end_forward` / `settle`)."""
+    pages = torch.cat([compressed_pages(req_to_token, r, p) for r in prompts]) if prompts else None
+    if pages is None or pages.numel() == 0:
+        return None
+    n = pages.numel()
+    if first_slot + n > store.res_pages.shape[0]:
+        raise RuntimeError(f"TCA --tca-observe: {n} observed blocks need reservation rows {first_slot}..{first_slot + n}"
+                           f" of {store.res_pages.shape[0]} (a bug in the sizing; please report)")
+    rows = unpack_bits(store.mask[pages], p.block).sum((1, 2, 3))                  # per record, all layers and heads
+    host = torch.stack([pages, rows]).cpu().numpy()                                # the one synchronisation
+    pending = store.replace_records(host[0], host[1], list(range(first_slot, first_slot + n)))
+    slots = torch.arange(first_slot, first_slot + n, device=pages.device)
+    for layer, base in enumerate(dense_bases):
+        compact_blocks(arena_k, arena_v, l2d, pages, slots, store, layer, base, p.block)
+    return pending
