@@ -254,6 +254,12 @@ def part_bench(srv: Server, part: str, out: Path, num_prompts: int):
     return res
 
 
+def scaled_estimates(num_prompts: int, start_s: int = 200) -> dict:
+    """ESTIMATE_S with the random parts' benchmark time (beyond a server start) scaled to num_prompts of 128."""
+    return {part: {b: round(start_s + (t - start_s) * num_prompts / 128) if part.startswith("random") else t
+                   for b, t in est.items()} for part, est in ESTIMATE_S.items()}
+
+
 def run(args):
     def one(part, backend, i):
         srv = Server(backend, Path(args.out), 30000 + i, SERVER_FLAGS[part], part)
@@ -264,7 +270,7 @@ def run(args):
         finally:
             srv.stop()
 
-    run_parts("memory", args, ESTIMATE_S, one,
+    run_parts("memory", args, scaled_estimates(args.num_prompts), one,
               lambda part, backend: {"mem_fraction_static": MEM_FRACTION, "server_flags": SERVER_FLAGS[part],
                                      **({"num_prompts": args.num_prompts} if part.startswith("random") else {})})
 
