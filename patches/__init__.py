@@ -29,6 +29,10 @@ PATCH_MODULES = (
     "scheduler_get_internal_state",
     "pool_stats_observer_get_swa_token_info",
     "tp_worker_get_worker_info",
+    "forward_batch_info_init_new",
+    "schedule_batch_evict_swa",
+    "schedule_policy_add_one_req",
+    "schedule_policy_add_chunked_req",
 )
 
 

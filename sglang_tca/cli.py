@@ -52,9 +52,9 @@ def _tca_parser() -> argparse.ArgumentParser:
                    help="token selection: tca (default), or an evaluation baseline: random (TCA's budget, random "
                         "tokens), streaming (sink + window only)")
     g.add_argument("--tca-observe", type=int, metavar="N",
-                   help="question-aware end of prompt (a prompt's last N queries re-choose its compressed tokens): "
-                        "refused by the server, which frees the prompt's dense KV it needs (default 0 = off; "
-                        "see docs/ALGORITHM.md)")
+                   help="question-aware end of prompt (a prompt's last N queries re-choose its compressed tokens; "
+                        "such a prompt stays dense until its end and is not shared through the radix cache; "
+                        "default 0 = off; see docs/ALGORITHM.md)")
     g.add_argument("--tca-dense-tokens", type=int, metavar="N",
                    help="slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of the KV "
                         "budget holds the compressed store (default: 20%% of the budget, or enough windows for "

@@ -18,7 +18,8 @@ Fields (None means "default"):
                   random tokens) or "streaming" (sink + window only); see `sglang_tca.algorithm.apply_policy`.
   observe         question-aware end of prompt: the last N queries of a prompt re-choose, per KV head and with the
                   same number of tokens, which compressed tokens they and the decode see (`algorithm.observe_keep`).
-                  0 = off; at most the window. The server refuses it (it needs the whole prompt's dense KV).
+                  0 = off; at most the window. In the server such a prompt stays dense until its end
+                  (`sglang_tca.serving.observe`).
   dense_tokens    slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of SGLang's KV
                   budget holds the compressed store. Default: see `sglang_tca.serving.sizing.plan_memory`.
   budgets_sha256  sha256 (hex) the budgets file's bytes must have; set by the launcher (`TCARuntime.handoff`) so

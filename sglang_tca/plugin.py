@@ -100,7 +100,7 @@ def validate_server_args(sa, runtime=None) -> None:
     user gave (an argparse Namespace or any object with those attributes; launch.py and the Engine check them first,
     so that our line comes before SGLang's own assertions). Missing attributes read as SGLang's defaults; the CUDA
     graph backends are only known once resolved, so they are checked on a ServerArgs only. The memory rules (page
-    size = the budgets' block, TCA's radix cache, no --tca-observe) need TCA's config: `runtime` (a TCARuntime), or
+    size = the budgets' block, TCA's radix cache, --tca-observe's chunk and parallelism) need TCA's config: `runtime` (a TCARuntime), or
     the one the scheduler processes will load for `sa.model_path`; without either they are not checked."""
     from sglang.srt.server_args import ServerArgs
 
@@ -172,8 +172,16 @@ def validate_server_args(sa, runtime=None) -> None:
     if rt is not None:
         bad(g("page_size") != rt.block, f"--page-size {g('page_size')}",
             f"TCA's pages are its blocks: --page-size {rt.block} (launch.py and the Engine set it)")
-        bad(rt.observe > 0, f"--tca-observe {rt.observe}",
-            "the question-aware end of prompt needs the whole prompt's dense KV, which TCA frees")
+        if rt.observe > 0:       # a prompt's last N queries come in one chunk, one rank sees every KV head's choice
+            need = rt.observe + rt.block
+            bad(chunk is not None and 0 < chunk < need, f"--chunked-prefill-size {chunk} with --tca-observe "
+                f"{rt.observe}", f"a prompt's last chunk holds its last N queries: at least N + block = {need}")
+            bad((g("tp_size", 1) or 1) > 1, f"--tp-size {g('tp_size')} with --tca-observe",
+                "the question-aware end of prompt is not GPU-checked with tensor parallelism")
+            bad(rt.policy == "streaming", "--tca-policy streaming with --tca-observe",
+                "streaming keeps no compressed token to re-choose")
+            bad(bool(g("enable_streaming_session")), "--enable-streaming-session with --tca-observe",
+                "session caching bypasses the rule that an observing prompt neither matches nor inserts")
         bad(radix != BACKEND_NAME, f"--radix-cache-backend {radix}",
             f"TCA shares compressed prefixes through its own radix cache: --radix-cache-backend {BACKEND_NAME} "
             f"(launch.py and the Engine set it)")

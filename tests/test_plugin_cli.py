@@ -537,7 +537,9 @@ def _other_shape(tmp_path):
     ("bad_policy", "argument --tca-policy: invalid choice: 'oracle'"),
     ("negative_observe", "--tca-observe must be >= 0"),
     ("observe_past_window", "--tca-observe 200 must not exceed the window (128 tokens)"),
-    ("observe_freed", "--tca-observe 32 (the question-aware end of prompt needs the whole prompt's dense KV"),
+    ("observe_chunk", "--chunked-prefill-size 64 with --tca-observe 32 (a prompt's last chunk holds its last N "
+                      "queries: at least N + block = 96)"),
+    ("observe_streaming", "--tca-policy streaming with --tca-observe (streaming keeps no compressed token"),
 ])
 def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
     argv = {
@@ -556,7 +558,10 @@ def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
         "bad_policy": ["--model", str(model), "--tca-policy", "oracle"],
         "negative_observe": ["--model", str(model), "--tca-observe", "-3"],
         "observe_past_window": ["--model", str(model), "--tca-window", "128", "--tca-observe", "200"],
-        "observe_freed": ["--model", str(model), "--tca-observe", "32", *SGLANG_FLAGS],
+        "observe_chunk": ["--model", str(model), "--tca-observe", "32", "--chunked-prefill-size", "64",
+                          *SGLANG_FLAGS],
+        "observe_streaming": ["--model", str(model), "--tca-observe", "32", "--tca-policy", "streaming",
+                              *SGLANG_FLAGS],
     }[case]
     served = []
     rc, err = _run_main(argv, capsys, serve=lambda *a: served.append(a))

@@ -61,7 +61,7 @@ def make_model(d, keep_all=False):
 class Harness:
     """SGLang's memory objects and TCA's backend for a tiny model, plus a scheduler-shaped driver."""
 
-    def __init__(self, model_dir, *, budget_tokens=4096, dense_tokens=None, radix=True, seed=0):
+    def __init__(self, model_dir, *, budget_tokens=4096, dense_tokens=None, radix=True, seed=0, observe=0):
         from sglang.srt.layers.radix_attention import RadixAttention
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
         from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -74,10 +74,11 @@ class Harness:
         from sglang_tca.serving.radix import create_tree_cache
 
         os.environ.pop("SGLANG_TCA_CONFIG", None)
-        if dense_tokens is not None:
+        if dense_tokens is not None or observe:
             from sglang_tca.config import TCAConfig
 
-            TCAConfig(dense_tokens=dense_tokens).to_env()
+            TCAConfig(dense_tokens=dense_tokens, observe=observe or None).to_env()
+        self.observe, self.observed = observe, {}       # id(req) -> per layer, the reference's observed choice
         args = ["--model-path", str(model_dir), "--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
                 "--attention-backend", "tca", "--page-size", str(B), "--radix-cache-backend", "tca",
                 "--chunked-prefill-size", "64", "--max-running-requests", "4", "--dtype", "float32",
@@ -124,14 +125,22 @@ class Harness:
         t = torch.tensor(list(ids))
         return [self.tok[i][t] * (1 + 0.3 * self.layer_mix[layer, i]) + self.posemb[i][pos] for i in range(3)]
 
-    def reference(self, ids, start, layer):
-        from sglang_tca.algorithm import masked_attention, select, visible
+    def reference(self, ids, start, layer, req=None):
+        """What positions [start, len(ids)) of req's sequence see: the prefix-pure selection, or, in the forward that
+        ends an observing prefill and after it, `prompt_mask`'s question-aware choice."""
+        from sglang_tca.algorithm import masked_attention, prompt_mask, select, visible, with_observed
         from sglang_tca.params import TCAParams
 
         q, k, v = (x.transpose(0, 1) for x in self.qkv(ids, layer))
         p = TCAParams(B, W)
         keep, _ = select(q, k, self.backend.thresholds[layer], p, layer=layer)
-        mask = visible(keep, torch.arange(start, len(ids)), len(ids), p)
+        if len(ids) == getattr(req, "tca_observe_end", 0):
+            mask, observed = prompt_mask(q, k, keep, TCAParams(B, W, observe=self.observe), D ** -0.5, q_start=start)
+            self.observed.setdefault(id(req), {})[layer] = observed
+        else:
+            if id(req) in self.observed:
+                keep = with_observed(keep, self.observed[id(req)][layer], B)
+            mask = visible(keep, torch.arange(start, len(ids)), len(ids), p)
         return masked_attention(q[:, start:], k, v, mask, D ** -0.5).transpose(0, 1)
 
     # -- requests -------------------------------------------------------------------------------------------------
@@ -147,7 +156,8 @@ class Harness:
                               to_finish=None, finished_reason=None, swa_evict_floor=0, kv_committed_len=0,
                               prefix_indices=torch.empty(0, dtype=torch.int64))
         req.get_fill_ids = lambda: (req.origin_input_ids + req.output_ids)[:req.kv_committed_len]
-        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("l", ids))))
+        req.full_untruncated_fill_ids = req.origin_input_ids + req.output_ids
+        m = self.tree.match_prefix(MatchPrefixParams(key=RadixKey(array.array("l", ids)), req=req))
         prefix = m.device_indices
         req.last_node = m.last_device_node
         lock = self.tree.inc_lock_ref(req.last_node)
@@ -178,7 +188,7 @@ class Harness:
             o = fwd(q.reshape(-1, HQ * D), k, v, self.layers[l], fb).view(-1, HQ, D)
             off = 0
             for r, s in zip(reqs, starts):
-                want = self.reference(self.tokens(r)[:r.kv_committed_len], s, l)
+                want = self.reference(self.tokens(r)[:r.kv_committed_len], s, l, r)
                 err = max(err, float((o[off:off + len(want)] - want).abs().max()))
                 off += len(want)
         self.pending = be.finish_forward()
@@ -189,13 +199,21 @@ class Harness:
             self.store.settle(p)
         self.pending = []
 
-    def extend(self, reqs, n_new):
+    def extend(self, reqs, n_new, settle=True):
         """One extend batch: request r gets its next n_new[r] tokens (from origin_input_ids)."""
+        import patches.forward_batch_info_init_new as carrier
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.mem_cache.common import evict_from_tree_cache
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
         prefix = [r.kv_committed_len for r in reqs]
         seq = [p + n for p, n in zip(prefix, n_new)]
+        if self.tree.is_chunk_cache():                  # SGLang's alloc_for_extend: the chunk cache's prefill frees
+            batch = SimpleNamespace(tree_cache=self.tree, forward_mode=ForwardMode.EXTEND, reqs=reqs, forward_iter=0,
+                                    prefix_lens=prefix, enable_overlap=False, req_to_token_pool=self.r2t_pool,
+                                    token_to_kv_pool_allocator=self.alloc)
+            batch._evict_swa = lambda req, pre_len: ScheduleBatch._evict_swa(batch, req, pre_len)
+            ScheduleBatch.maybe_evict_swa(batch)
         evict_from_tree_cache(self.tree, sum(n_new) + len(reqs) * B)
         assert sum(n_new) + len(reqs) * B <= self.alloc.full_available_size(), "the scheduler would not admit this"
         r2t = self.r2t_pool.req_to_token
@@ -215,7 +233,10 @@ class Harness:
                              extend_seq_lens=torch.tensor(n_new), extend_seq_lens_cpu=list(n_new), out_cache_loc=out,
                              positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix, seq)]),
                              seq_lens_sum=sum(seq), orig_seq_lens=torch.tensor(seq), encoder_lens=None)
+        carrier.hook(fb, None, SimpleNamespace(reqs=reqs))    # what ForwardBatch.init_new carries
         err = self._forward(fb, reqs, prefix, decode=False)
+        if not settle:
+            return err
         self.settle()
         for r in reqs:                                  # SGLang caches the prompt so far after each chunk
             r.extend_range = SimpleNamespace(end=r.kv_committed_len)
@@ -661,3 +682,139 @@ def test_a_long_generation_releases_its_prompts_window_to_the_radix_cache(harnes
             assert h.decode([b], [t + 1]) < 1e-4
         h.finish(b)
         h.check()
+
+
+def observe_chunks(h, req, room=64):
+    """The chunks SGLang's PrefillAdder gives an observing prefill with `room` tokens each round
+    (patches/schedule_policy_add_*: `ObserveRule.chunk_limit`)."""
+    from sglang_tca.serving.observe import ObserveRule
+
+    rule, fill, start, out = ObserveRule.of(h.plan), len(req.full_untruncated_fill_ids), req.kv_committed_len, []
+    while start < fill:
+        limit = rule.chunk_limit(start, fill, room)
+        n = fill - start if limit is None else limit
+        assert n > 0
+        out.append(n)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("radix", [True, False], ids=["radix", "chunk_cache"])
+def test_an_observing_prompt_stays_dense_and_private_then_decodes_its_choice(harness, radix):
+    """--tca-observe on freed memory inside SGLang's caches: an observing prompt matches nothing (its document is
+    cached by an earlier request), frees no dense slot and inserts nothing until its end; in the forward that ends it
+    the last N queries re-choose its compressed tokens (outputs = `algorithm.prompt_mask`, a choice other than the
+    prefix-pure one), its records are rebuilt exactly, and decode reads them (= the reference with the observed
+    choice) while SGLang's decode steps free its out-of-window dense slots. At finish nothing is inserted, and the
+    pools' invariants hold throughout."""
+    from sglang_tca.algorithm import select
+    from sglang_tca.params import TCAParams
+
+    h = harness(observe=8, radix=radix, dense_tokens=1024)
+    assert h.plan.observe == 8 and h.plan.observe_tokens >= 300
+    doc = ids(50, 190)
+    plain = h.new_request(doc[:40])                       # too short to observe (no compressed block at its end)
+    assert plain.tca_observe_end == 0
+    h.extend([plain], [40])
+    h.finish(plain)
+    cached = h.tree.full_evictable_size()                 # its 40 tokens (none without the radix cache)
+    first = h.new_request(doc + ids(51, 10))              # 200 tokens: observes
+    assert first.tca_observe_end == 200 and first.kv_committed_len == 0
+    chunks = observe_chunks(h, first)
+    assert chunks == [64, 64, 64, 8] and sum(chunks) == 200     # the last chunk holds the last N = 8 queries
+    r2t, l2d = h.r2t_pool.req_to_token, h.alloc.full_to_swa_index_mapping
+    errs = []
+    for n in chunks:
+        errs.append(h.extend([first], [n]))
+        h.check(running=[first])
+        held = l2d[r2t[first.req_pool_idx, :first.kv_committed_len].long()]
+        assert (held > 0).all() and first.kv.swa_evicted_seqlen == 0      # the whole prompt is still dense
+    assert h.tree.full_evictable_size() == cached and h.tree.full_protected_size() == 0    # nothing inserted
+    assert max(errs) < 1e-4, errs
+    pages = (r2t[first.req_pool_idx, B:200 - W - B:B].long() // B)          # its compressed blocks 1..nc
+    q, k, _ = (x.transpose(0, 1) for x in h.qkv(h.tokens(first), 0))
+    pure, _ = select(q, k, h.backend.thresholds[0], TCAParams(B, W), layer=0)
+    assert not torch.equal(h.observed[id(first)][0], pure[:, B:B + pages.numel() * B])   # a question-aware choice
+    second = h.new_request(doc + ids(52, 12))             # the same document: no match either
+    assert second.tca_observe_end == 202 and second.kv_committed_len == 0
+    for n in observe_chunks(h, second):
+        errs.append(h.extend([second], [n]))
+    for t in range(W + 2 * B):
+        errs.append(h.decode([first, second], [t % VOCAB, (t + 3) % VOCAB], graph=t % 2 == 1))
+        h.check(running=[first, second])
+    assert max(errs) < 1e-4, errs
+    assert first.kv.swa_evicted_seqlen >= 200 - W - B                     # decode freed the prompt's dense slots
+    h.finish(first)
+    h.finish(second)
+    h.check()                                             # idle: records exactly for the cached pages
+    assert h.tree.full_evictable_size() == cached and h.store.n_records == cached // B
+
+
+def test_sglangs_prefill_adder_never_ends_an_observing_chunk_inside_its_last_n_tokens(harness):
+    """SGLang's own PrefillAdder with TCA's patches: a 196-token observing prompt in 64-token rounds is chunked
+    64, 128, 184, 196 (SGLang alone: 64, 128, 192, 196, a last chunk of 4 < N = 8 queries); a short round stops the
+    chunk at or before P0 = 184; at P0 the rest waits for a round that holds it whole. A prompt that does not observe
+    is chunked as SGLang chunks it."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    h = harness(observe=8, dense_tokens=1024)
+
+    def chunks(n_tokens, rooms):
+        req = Req("r", "", array.array("q", ids(60, n_tokens)), SamplingParams(max_new_tokens=16))
+        req.init_next_round_input(h.tree)
+        ends = []
+        for room in rooms:
+            adder = PrefillAdder(B, h.tree, h.alloc, None, 0.5, 16384, room)
+            if req.prefix_indices.numel() == 0:
+                adder.add_one_req(req, False, None)
+            else:
+                adder.add_chunked_req(req)
+            if req not in adder.can_run_list:
+                ends.append(None)                                 # waits this round
+                continue
+            ends.append(req.extend_range.end)
+            req.prefix_indices = torch.zeros(req.extend_range.end, dtype=torch.int64)   # as cache_unfinished_req
+        return req, ends
+
+    req, ends = chunks(196, [64, 64, 64, 64])
+    assert req.tca_observe_end == 196 and ends == [64, 128, 184, 196]
+    assert chunks(196, [64, 64, 30, 10, 20, 50])[1] == [64, 128, 158, 168, 184, 196]
+    assert chunks(196, [64, 64, 56, 10, 11, 12])[1] == [64, 128, 184, None, None, 196]
+    req, ends = chunks(40, [64])                                   # no compressed block at its end
+    assert req.tca_observe_end == 0 and ends == [40]
+
+
+def test_observing_prompts_in_any_chunking_retracted_mid_prefill_or_in_flight_leak_nothing(harness):
+    """An observing prompt gives the reference's outputs whatever SGLang's rounds hold (chunks of 64 or 24: the
+    choice does not depend on the chunking); retracted after some chunks, or right after its observing forward was
+    launched (the rebuilt records still in flight), it gives every page back, and re-admitted it matches nothing
+    and prefills again."""
+    h = harness(observe=8, dense_tokens=1024)
+    prompt = ids(70, 196)
+    for room in (64, 24):
+        a = h.new_request(prompt)
+        errs = [h.extend([a], [n]) for n in observe_chunks(h, a, room)]
+        errs += [h.decode([a], [t]) for t in range(3)]
+        assert max(errs) < 1e-4, (room, errs)
+        h.finish(a)
+        h.check()
+    b = h.new_request(prompt)
+    for n in observe_chunks(h, b)[:2]:
+        h.extend([b], [n])
+    h.finish(b, insert=False)                                  # retracted mid-prefill
+    h.check()
+    c = h.new_request(prompt)
+    assert c.kv_committed_len == 0
+    *head, last = observe_chunks(h, c)
+    for n in head:
+        h.extend([c], [n])
+    free = h.store.free_pages
+    h.extend([c], [last], settle=False)                        # the observing forward, not settled yet
+    assert h.store.reserved_pages > 0 and h.store.free_pages < free
+    h.finish(c, insert=False)                                  # retracted while it is in flight
+    h.settle()
+    assert not h.store.pending
+    h.check()
+    assert h.store.free_pages == h.plan.heap_pages - 1 - h.store.record_pages

@@ -372,3 +372,19 @@ def test_a_decode_step_the_store_cannot_reserve_retracts_and_aborts_instead_of_f
     reason = aborted[0].to_finish
     assert isinstance(reason, FINISH_ABORT) and reason.status_code == HTTPStatus.INTERNAL_SERVER_ERROR
     assert "Out of memory" in reason.message
+
+
+def test_observe_sizes_its_reservation_rows_and_holds_back_what_a_rebuild_takes_at_once():
+    """--tca-observe: prefills up to the dense pool above its minimum observe; the reservation table gets a row per
+    block of such a prompt; the store holds back, beside the usual worst case, the new records of one prefill chunk
+    (taken while its reservations are still held) and a page of fragmentation per rebuilt record."""
+    kw = dict(budget_bytes=400 * DIMS.cell * B, block=B, window=32, expected_share=0.3, block_reserve=4,
+              context_len=1024, graph_max_bs=4, chunk_tokens=64, max_requests=4, dense_tokens=1024)
+    off, on = plan_memory(DIMS, **kw), plan_memory(DIMS, **kw, observe=8)
+    min_dense = 2 * 64 + 4 * (2 * (32 + B) + 2 * B)
+    assert (off.observe, off.observe_tokens) == (0, 0) and (on.observe, on.observe_tokens) == (8, 1024 - min_dense)
+    assert on.reservation_rows == off.reservation_rows + math.ceil(on.observe_tokens / B)
+    s_off, s_on = (CompressedStore(p, "cpu", chunk_tokens=64) for p in (off, on))
+    worst = max(on.block_reserve_pages, on.sink_pages)
+    assert s_on._hold_back(3) - s_off._hold_back(3) == s_on.chunk_blocks * worst + math.ceil(on.observe_tokens / B)
+    assert "prefills of up to 512 tokens observe" in on.summary(0) and "observe" not in off.summary(0)

@@ -15,6 +15,10 @@ Per layer, in extend (prefill chunks) and decode alike:
      (`kernels.kept_lists` -> `kernels.sparse_attention`), and its dense window, read from the dense pool.
      Extend batches whose sequences all fit in SGLang's SWA window (window + block: nothing was freed, nothing is
      compressed) run SGLang's dense Triton kernels, with a cached prefix's logical ids translated to dense slots.
+With --tca-observe N, an extend that ends an observing prefill (`serving.observe`: the batch carries which, through
+patches/forward_batch_info_init_new.py) re-chooses that prompt's compressed tokens after each layer's pass
+(`observe.observe_layer`: its last N queries choose and attend again) and rebuilds its records after the last layer
+(`observe.rebuild`).
 After the forward (`finish_forward`, from the TP worker patch) the rows each new record used are copied to the host;
 SGLang's result processing then settles the reservations (`patches/scheduler_process_batch_result.py`).
 Decode shapes are static, so decode CUDA graphs capture all of it.
@@ -37,7 +41,8 @@ from sglang_tca.kernels.compaction import compact_blocks
 from sglang_tca.kernels.kept_lists import kept_lists
 from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
-from sglang_tca.params import dense_start
+from sglang_tca.params import TCAParams, dense_start
+from sglang_tca.serving.observe import ObservingPrompt, observe_layer, rebuild
 from sglang_tca.serving.pool import TCAKVPool
 from sglang_tca.serving.selection import block_end_rows, decode_block_ends
 
@@ -55,6 +60,7 @@ class TCAAttnBackend(TritonAttnBackend):
         tp_rank, tp_size = get_parallel().attn_tp_rank, get_parallel().attn_tp_size
         budgets = rt.for_rank(tp_rank, tp_size)
         self.block, self.window, self.policy = rt.block, rt.window, rt.policy   # block <= 64: budgets.server_limits
+        self.params = TCAParams(rt.block, rt.window, policy=rt.policy, observe=rt.observe)
         dev = model_runner.device
         self.kv_heads = torch.tensor(list(rt.budgets.rank_kv_heads(tp_rank, tp_size)), device=dev)  # global ids
         self.thresholds = budgets.thresholds.to(dev)                                    # [L, Hkv_local, Kn-1]
@@ -78,6 +84,7 @@ class TCAAttnBackend(TritonAttnBackend):
         self._block_cols = torch.arange(0, ctx, self.block, device=dev)          # the first position of each block
         self._graph = None                       # static decode buffers of CUDA graphs (init_cuda_graph_state)
         self._pending = []                               # this forward's reservations (CompressedStore.Pending)
+        self._observing: list[ObservingPrompt] = []      # this extend's prefills that observe at its end
         self._stats_path = os.environ.get(STATS_ENV) if tp_rank == 0 else None
 
     # -- per batch ------------------------------------------------------------------------------------------------
@@ -154,6 +161,8 @@ class TCAAttnBackend(TritonAttnBackend):
     def _set_extend_metadata(self, fb):
         rows, positions = block_end_rows(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu, self.block)
         self._reserve(positions, list(range(len(rows))))
+        self._n_selected = len(rows)
+        self._observing = self._observing_prompts(fb)
         dev = fb.seq_lens.device
         sel = torch.tensor(rows, dtype=torch.int64)
         self._sel = sel.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else sel
@@ -175,6 +184,20 @@ class TCAAttnBackend(TritonAttnBackend):
             indptr = torch.tensor([x - qo[a] for x in qo[a:b + 1]], dtype=torch.int32)
             indptr = indptr.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else indptr
             self._ext_groups.append((a, b, qo[a], qo[b], indptr, max(ext[a:b]), max(seq[a:b])))
+
+    def _observing_prompts(self, fb) -> list[ObservingPrompt]:
+        """The batch's prefills whose extend ends where they observe (`req.tca_observe_end`, carried by the batch)."""
+        out, q_end = [], 0
+        observe = {i: (row, end) for i, row, end in getattr(fb, "tca_observe", ())}
+        for i, (prefix, ext) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
+            q_end += ext
+            row, end = observe.get(i, (None, 0))
+            if end and prefix + ext == end:
+                if ext < self.params.observe:
+                    raise RuntimeError(f"TCA --tca-observe {self.params.observe}: the prefill of {end} tokens ends "
+                                       f"with a chunk of {ext} (a bug; please report)")
+                out.append(ObservingPrompt(row, end, q_end))
+        return out
 
     def finish_forward(self) -> list:
         """After the forward's last kernel was enqueued: start copying the new records' row counts to the host.
@@ -250,9 +273,25 @@ class TCAAttnBackend(TritonAttnBackend):
                     counts.append(kept_indptr.diff())
             if self._stats_path:
                 kept_indptr = torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
+            if self._observing:
+                self._observe(qv, ov, layer)
         if self._stats_path:
             self._record_kept(layer, forward_batch, kept_indptr)
         return o
+
+    def _observe(self, qv, ov, layer):
+        """The observing prefills of this extend re-choose and attend again; after the last layer, their records are
+        rebuilt (the reservation rows after this forward's own selections; settled after them)."""
+        mem = dict(store=self.store, arena_k=self.pool.arena_k, arena_v=self.pool.arena_v, l2d=self.l2d,
+                   req_to_token=self.req_to_token, p=self.params)
+        for prompt in self._observing:
+            observe_layer(qv, ov, layer.layer_id, prompt, dense_base=self.plan.dense_base(layer.layer_id),
+                          scale=layer.scaling, **mem)
+        if layer.layer_id == self._n_layers - 1:
+            pending = rebuild(self._observing, dense_bases=[self.plan.dense_base(l) for l in range(self._n_layers)],
+                              first_slot=self._n_selected, **mem)
+            if pending is not None:
+                self._pending.append(pending)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         fb, d, l = forward_batch, self._decode, layer.layer_id

@@ -65,7 +65,7 @@ def plan_for(configurator, config) -> MemoryPlan:
         expected_share=share, block_reserve=block_reserve_pages(dims, rt.block, max_keep_per_head(budgets, rt.policy)),
         context_len=mc.context_len, graph_max_bs=graph_bs, chunk_tokens=max(int(sa.chunked_prefill_size or 0), 1),
         max_requests=int(config.max_running_requests), dense_tokens=rt.config.dense_tokens,
-        dense_requests=sa.max_running_requests)
+        dense_requests=sa.max_running_requests, observe=rt.observe)
     logger.info(plan.summary(int(config.max_total_num_tokens)))
     return plan
 

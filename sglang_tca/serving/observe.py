@@ -14,7 +14,10 @@ In that forward, per layer, after the prefix-pure pass (`observe_layer`):
 After the last layer's (`rebuild`): the new records' row counts come to the host (the one synchronisation), the
 store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the compaction runs again
 for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from the store.
-Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after).
+The scheduler's side (`ObserveRule`, used by sglang_tca/serving/radix.py and the PrefillAdder patches) decides
+from lengths alone, so identically on every rank: which prefills observe, and where their chunks may end.
+Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after),
+tests/test_serving_backend.py (inside SGLang's radix cache, chunk cache and PrefillAdder).
 """
 from __future__ import annotations
 
@@ -27,7 +30,69 @@ from sglang_tca.kernels.compaction import compact_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import TCAParams, dense_start
 from sglang_tca.serving.selection import pack_bits, unpack_bits
+from sglang_tca.serving.sizing import MemoryPlan
 from sglang_tca.serving.store import CompressedStore, Pending
+
+
+@dataclass(frozen=True)
+class ObserveRule:
+    """Which prefills observe, and where their chunks may end. A prefill of `fill` tokens (a prompt, or a retracted
+    request's prompt and output so far) observes when N > 0, it has compressed blocks at its end and it is at most
+    `max_tokens` long (`MemoryPlan.observe_tokens`: it holds every token dense until its end). Its last chunk must
+    hold its last N queries, so no chunk may end inside (P0, fill), P0 = b * floor((fill - N) / b)."""
+    n: int
+    block: int
+    window: int
+    max_tokens: int
+
+    @classmethod
+    def of(cls, plan: MemoryPlan) -> ObserveRule:
+        return cls(plan.observe, plan.block, plan.window, plan.observe_tokens)
+
+    def observes(self, fill: int) -> bool:
+        return self.n > 0 and fill <= self.max_tokens and dense_start(fill, self.block, self.window) >= 2 * self.block
+
+    def last_chunk_start(self, fill: int) -> int:
+        return self.block * ((fill - self.n) // self.block)
+
+    def chunk_limit(self, start: int, fill: int, room: int) -> int | None:
+        """An observing prefill at `start` whose next chunk SGLang would let take `room` tokens: None when the rest
+        fits (the chunk ends at the prefill's end), else the most tokens the chunk may take so that it ends at or
+        before P0 (0: wait for room for the whole rest)."""
+        if fill - start <= room:
+            return None
+        p0 = self.last_chunk_start(fill)
+        if start > p0:
+            raise RuntimeError(f"TCA --tca-observe: a prefill of {fill} tokens has a chunk ending at {start}, inside its "
+                               f"last {fill - p0} tokens (a bug; please report)")
+        return min(p0 - start, room)
+
+    def check_chunk(self, end: int, fill: int) -> None:
+        if self.last_chunk_start(fill) < end < fill:
+            raise RuntimeError(f"TCA --tca-observe: a prefill of {fill} tokens got a chunk ending at {end}, inside its "
+                               f"last {fill - self.last_chunk_start(fill)} tokens (a bug; please report)")
+
+
+def add_with_chunk_limit(adder, req, room: int, add, wait):
+    """SGLang's PrefillAdder step `add()` (add_one_req / add_chunked_req) for an observing prefill whose next chunk
+    SGLang would let take `room` tokens, with its chunk limit lowered to `ObserveRule.chunk_limit`'s (restored after,
+    less what the chunk used); `wait` (that step's "not this round") when the request must wait for room."""
+    rule = ObserveRule.of(adder.token_to_kv_pool_allocator.store.plan)
+    start, fill = len(req.prefix_indices), len(req.full_untruncated_fill_ids)
+    limit = rule.chunk_limit(start, fill, room)
+    if limit is None:
+        out = add()
+    elif limit <= 0:
+        return wait
+    else:
+        saved, adder.rem_chunk_tokens = adder.rem_chunk_tokens, limit
+        try:
+            out = add()
+        finally:
+            adder.rem_chunk_tokens = saved - (limit - adder.rem_chunk_tokens)
+    if req in adder.can_run_list:
+        rule.check_chunk(req.extend_range.end, fill)
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ same budget on four parts (one KV head row = D or Dv elements of one (layer, KV 
                    heads) and the per-step page reservations. Batches are attended in groups of requests that
                    fit them.
 
+With --tca-observe, the dense pool above its minimum bounds the prefills that observe (each holds its whole prompt
+dense until its end: `MemoryPlan.observe_tokens`), and the reservation table gets a row per block of such a prompt.
+
 Logical token ids (SGLang's "full" pool) cost only their table bytes, so there are more of them than the store holds
 at the expected kept share (`LOGICAL_SLACK`): the store, not the ids, is what runs out, and the scheduler sees the
 store through `CompressedStore.token_capacity`.
@@ -75,6 +78,8 @@ class MemoryPlan:
     budget_bytes: int
     page_rows: int = ROWS_PER_PAGE
     extend_kept_rows: int = 0   # capacity of the kept-position list (prefill only)
+    observe: int = 0            # --tca-observe N: a prompt's last N queries re-choose its compressed tokens
+    observe_tokens: int = 0     # the longest prefill that observes (its whole prompt stays dense until its end)
 
     @property
     def page_bytes(self) -> int:
@@ -141,12 +146,14 @@ class MemoryPlan:
 
     def summary(self, dense_equivalent_tokens: int) -> str:
         gib = 2 ** 30
+        observe = (f"; --tca-observe {self.observe}: prefills of up to {self.observe_tokens} tokens observe (each holds "
+                   f"its whole prompt dense until its end), longer ones run without" if self.observe else "")
         return (f"TCA KV memory: dense pool {self.dense_bytes / gib:.2f} GiB ({self.dense_tokens} tokens: sinks, "
                 f"windows, prefill chunks in flight), compressed store {self.heap_bytes / gib:.2f} GiB "
                 f"({self.heap_pages} pages; about {self.expected_store_tokens} tokens at the budgets' expected kept "
                 f"share {self.expected_share:.3f}), tables and buffers {(self.table_bytes + self.fixed_bytes) / gib:.2f}"
                 f" GiB ({self.logical_tokens} logical token ids); the same budget holds {dense_equivalent_tokens} "
-                f"dense tokens")
+                f"dense tokens{observe}")
 
 
 def block_reserve_pages(dims: ModelDims, block: int, max_keep_per_head: list[list[int]] | None,
@@ -163,13 +170,17 @@ def block_reserve_pages(dims: ModelDims, block: int, max_keep_per_head: list[lis
 def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, expected_share: float,
                 block_reserve: int, context_len: int, graph_max_bs: int, chunk_tokens: int, max_requests: int,
                 dense_tokens: int | None = None, dense_requests: int | None = None,
-                dense_share: float = DEFAULT_DENSE_SHARE, page_rows: int = ROWS_PER_PAGE) -> MemoryPlan:
+                dense_share: float = DEFAULT_DENSE_SHARE, page_rows: int = ROWS_PER_PAGE, observe: int = 0
+                ) -> MemoryPlan:
     """Split `budget_bytes` (SGLang's KV budget) into dense pool, compressed store, tables and fixed buffers.
 
     max_requests: SGLang's request rows (bounds the blocks one forward can complete). The dense pool is
     `dense_tokens` if given; else, with `dense_requests` (the user's --max-running-requests), enough for that many
     requests' windows (one and a half each, see below) plus two prefill chunks; else `dense_share` of the budget.
     It is never smaller than two prefill chunks plus four requests at their peak (a request must be able to run).
+    With `observe` > 0 (--tca-observe), prefills of up to `observe_tokens` tokens observe: the dense pool above
+    that minimum (and at most the context), since such a prompt holds all its tokens dense until its last chunk;
+    the reservation table gets a row for each of its blocks (their records are rebuilt in that forward).
     Raises SizingError when the budget is too small."""
     if not 0.0 <= expected_share <= 1.0:
         raise SizingError(f"expected kept share must be in [0, 1], got {expected_share}")
@@ -186,8 +197,10 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
         else:
             dense_tokens = int(dense_share * budget_bytes / dims.cell)
     dense_tokens = max(_round_up(dense_tokens, block), min_dense)
+    observe_tokens = min(dense_tokens - min_dense, context_len) if observe > 0 else 0
     max_pages = max(math.ceil(dims.rows_per_block * block / page_rows), block_reserve)
-    reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1)
+    reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1 +
+                           math.ceil(observe_tokens / block))
     extend_kept_rows = EXTEND_GROUP_REQUESTS * context_len * dims.kv_heads
     # Decode attends a batch in groups of requests whose lists fit (TCAAttnBackend._groups); a CUDA graph's batch
     # must fit one group, and so, within DECODE_LIST_SHARE of the budget, must every batch of max_requests (eager
@@ -199,7 +212,7 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     def plan(heap_pages: int, logical_tokens: int) -> MemoryPlan:
         return MemoryPlan(dims, block, window, dense_tokens, heap_pages, logical_tokens, max_pages, block_reserve,
                           expected_share, decode_kept_rows, reservation_rows, budget_bytes, page_rows,
-                          extend_kept_rows)
+                          extend_kept_rows, observe, observe_tokens)
 
     # Logical ids scale with the store: LOGICAL_SLACK x the tokens it holds at the expected share, plus the dense pool.
     # Near-zero shares (streaming) would ask for ids whose tables outweigh the store: cap them.

@@ -273,10 +273,15 @@ class CompressedStore:
 
     def _hold_back(self, request_rows_in_use: int) -> float:
         """Pages held back for what the next forwards' completing blocks may take above the nominal share: one block
-        per running request plus a prefill chunk's, each at its worst case (the sink's or `block_reserve_pages`)."""
+        per running request plus a prefill chunk's, each at its worst case (the sink's or `block_reserve_pages`).
+        With --tca-observe, also what `replace_records` takes at once: the new records of the forward's own blocks
+        while their worst-case reservations are still held, and a page of fragmentation per rebuilt record."""
         p = self.plan
-        extra = max(p.block_reserve_pages, p.sink_pages) - p.nominal_pages_per_block
-        return (request_rows_in_use + self.chunk_blocks) * max(extra, 0.0)
+        worst = max(p.block_reserve_pages, p.sink_pages)
+        held = (request_rows_in_use + self.chunk_blocks) * max(worst - p.nominal_pages_per_block, 0.0)
+        if p.observe:
+            held += self.chunk_blocks * worst + math.ceil(p.observe_tokens / p.block)
+        return held
 
     def longest_sequence(self) -> int:
         """The most tokens one sequence may reach so that SGLang admits it on an idle server and the store then holds
