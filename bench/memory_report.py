@@ -136,7 +136,18 @@ NOTES = {
   Since e4a5c42 (2026-12-04) the second window is gone after a request's first window + block tokens: the prompt's
   window becomes evictable then (SGLang's RELEASE_LEAF_LOCK_AFTER_WINDOW), and the pool under
   --max-running-requests is sized at 1.5 windows per request (here ~241K dense tokens, ~8.5 GiB more store).
-  Not yet measured on the GPU: that session's machine stopped answering before the job started.""",
+  Measured next on an H100 (below), not on an H200.""",
+    "h100_2026-12-07_random_long.jsonl": """Reading them. random_long on an H100 (commit 2a4caf7: e4a5c42's window
+  release and 1.5-window sizing; the --tca-observe code present and off), 36 distinct 16K prompts with 4096 output
+  tokens: an H100's budget holds about half an H200's tokens (flashinfer 423,494), and the session's device time (30
+  minutes, most of it lost to machines that did not start) allowed one short job. TCA 0.271 req/s against 0.186,
+  **1.46x**: 132.8 s against 193.6 s, mean TTFT 23.8 against 50.3 s, median time per output token 17.3 against
+  23.1 ms. Server logs: dense ran at most 21 requests at once (token usage 0.97); TCA at most 29, with its store full
+  (full token usage 0.97-0.98) and its dense pool 13% used: sized for 128 requests' windows (241,664 tokens, 29.5 GiB
+  of the 51.7 GiB budget, 57%), it left the store 21.6 GiB (~562K tokens at the expected share). So TCA held only
+  1.4x the requests dense held. After this run the pool under --max-running-requests holds windows for no more
+  requests than the store holds of 16K tokens (`sizing.BALANCE_TOKENS`; here ~125K dense tokens, ~60 requests'
+  windows and store): not yet measured.""",
 }
 BENCH_TITLES = {"random": "random-ids, {n} distinct 16K prompts, 1024 output tokens, all sent at once",
                 "random_long": "random-ids, {n} distinct 16K prompts, 4096 output tokens, all sent at once",
@@ -173,6 +184,7 @@ def _bench_table(o: dict) -> str:
 def _markdown(o: dict, run: dict) -> str:
     b = o["kv_bytes_per_token_128k"]
     prompts = lambda part: (o[f"{part}_bench_serving"] or {}).get("num_prompts", 128)  # noqa: E731
+    on = lambda part: f", {o[f'{part}_bench_serving']['device']}" if o[f"{part}_bench_serving"] else ""  # noqa: E731
     rows = [
         ("KV bytes per token, one 128K request while it decodes (held: store rows, tables, its dense window)",
          f"{b['tca']}", f"{b['flashinfer']}", f"{o['kv_bytes_per_token_ratio_128k']:.3f}"),
@@ -184,11 +196,12 @@ def _markdown(o: dict, run: dict) -> str:
         (f"128K requests running at once ({o['concurrent_sent']} sent together)",
          str(o["max_concurrent_128k"]["tca"]), str(o["max_concurrent_128k"]["flashinfer"]),
          f"{o['max_concurrent_128k_ratio']:.2f}"),
-        (f"bench_serving random-ids, {prompts('random')} x 16K in / 1024 out: request throughput (req/s)",
+        (f"bench_serving random-ids, {prompts('random')} x 16K in / 1024 out: request throughput (req/s{on('random')})",
          *_fmt_pair(o["memory_bound_req_s"])),
-        (f"bench_serving random-ids, {prompts('random_long')} x 16K in / 4096 out: request throughput (req/s)",
-         *_fmt_pair(o["memory_bound_long_req_s"])),
-        ("bench_serving generated-shared-prefix, 3 turns: request throughput (req/s)", *_fmt_pair(o["agent_req_s"])),
+        (f"bench_serving random-ids, {prompts('random_long')} x 16K in / 4096 out: request throughput "
+         f"(req/s{on('random_long')})", *_fmt_pair(o["memory_bound_long_req_s"])),
+        (f"bench_serving generated-shared-prefix, 3 turns: request throughput (req/s{on('gsp')})",
+         *_fmt_pair(o["agent_req_s"])),
     ]
     table = "".join(f"| {a} | {t} | {d} | {r} |\n" for a, t, d, r in rows)
     return f"""# Memory: TCA (freed KV) vs dense SGLang (flashinfer)

@@ -296,6 +296,26 @@ def test_plan_dense_pool_choices_and_errors():
         llama_plan(expected_share=1.5)
 
 
+def test_the_dense_pool_under_max_running_requests_holds_no_more_windows_than_the_store_holds_requests():
+    """--max-running-requests 128 on an H100's budget (423,494 dense tokens): 128 requests' windows would take 57% of
+    it while the store holds ~30 requests of 16K tokens; the pool is cut to as many windows as the store holds such
+    requests. On an H200's budget the two are about equal, and a small R keeps its windows."""
+    from sglang_tca.serving.sizing import BALANCE_TOKENS
+
+    def windows_and_requests(p):
+        mean_request = 3 * (p.window + p.block) // 2 + 2 * p.block
+        per_request = (BALANCE_TOKENS - p.window - p.block) / p.block * p.nominal_pages_per_block * p.page_bytes + \
+            BALANCE_TOKENS / p.block * p.table_bytes_per_logical_page
+        return (p.dense_tokens - 2 * 8192) / mean_request, p.heap_pages * p.page_bytes / per_request
+
+    h100 = llama_plan(budget_bytes=423494 * 131072, dense_requests=128, max_requests=128)
+    windows, held = windows_and_requests(h100)
+    assert h100.dense_tokens < 0.31 * 423494 and 40 < windows < 128 and held == pytest.approx(windows, rel=0.1)
+    h200 = llama_plan(budget_bytes=845617 * 131072, dense_requests=128, max_requests=128)
+    assert windows_and_requests(h200)[0] > 125
+    assert llama_plan(budget_bytes=423494 * 131072, dense_requests=8).dense_tokens == 2 * 8192 + 8 * 1760
+
+
 def test_block_reserve_from_reachable_counts():
     dims = ModelDims(layers=2, kv_heads=2, head_dim=16, v_head_dim=16, dtype_bytes=2)
     assert block_reserve_pages(dims, 64, None) == 2 * 2 * 64 // 64
