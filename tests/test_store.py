@@ -92,8 +92,11 @@ def test_replaced_records_are_exact_and_the_old_ones_give_their_pages_back():
     assert [s.rec_pages[p].size for p in (3, 4, 5, 6)] == [1, 3, 4, 4]
     assert s.n_records == 4 and s.free_pages == total - 12
     s.check(live_logical_pages=np.array([3, 4, 5, 6]))
+    before = (s.free_pages, s.n_records, s.alive.copy(), s.launches)
     with pytest.raises(StoreExhausted):                                   # 30 full records: 120 pages
-        s.replace_records(np.arange(7, 37), np.full(30, 32), list(range(30)))
+        s.replace_records(np.arange(3, 33), np.full(30, 32), list(range(30)))
+    assert before[:2] == (s.free_pages, s.n_records) and (before[2] == s.alive).all() and before[3] == s.launches
+    s.check(live_logical_pages=np.array([3, 4, 5, 6]))                    # refused before anything changed
 
 
 def test_settle_checks_order_and_bounds():
@@ -396,15 +399,17 @@ def test_a_decode_step_the_store_cannot_reserve_retracts_and_aborts_instead_of_f
 
 def test_observe_sizes_its_reservation_rows_and_holds_back_what_a_rebuild_takes_at_once():
     """--tca-observe: prefills up to the dense pool above its minimum observe; the reservation table gets a row per
-    block of such a prompt; the store holds back, beside the usual worst case, the new records of one prefill chunk
-    (taken while its reservations are still held) and a page of fragmentation per rebuilt record."""
+    block of such a prompt and a chunk's more (whole prompts beside it); the store holds back, beside the usual worst
+    case, the new records of two prefill chunks (taken while their reservations are still held: this forward's and,
+    under the overlap scheduler, the previous one's) and a page of fragmentation per rebuilt record."""
     kw = dict(budget_bytes=400 * DIMS.cell * B, block=B, window=32, expected_share=0.3, block_reserve=4,
               context_len=1024, graph_max_bs=4, chunk_tokens=64, max_requests=4, dense_tokens=1024)
     off, on = plan_memory(DIMS, **kw), plan_memory(DIMS, **kw, observe=8)
     min_dense = 2 * 64 + 4 * (2 * (32 + B) + 2 * B)
     assert (off.observe, off.observe_tokens) == (0, 0) and (on.observe, on.observe_tokens) == (8, 1024 - min_dense)
-    assert on.reservation_rows == off.reservation_rows + math.ceil(on.observe_tokens / B)
+    assert on.reservation_rows == off.reservation_rows + math.ceil(on.observe_tokens / B) + 64 // B
     s_off, s_on = (CompressedStore(p, "cpu", chunk_tokens=64) for p in (off, on))
     worst = max(on.block_reserve_pages, on.sink_pages)
-    assert s_on._hold_back(3) - s_off._hold_back(3) == s_on.chunk_blocks * worst + math.ceil(on.observe_tokens / B)
+    assert s_on._hold_back(3) - s_off._hold_back(3) == \
+        2 * s_on.chunk_blocks * worst + math.ceil(on.observe_tokens / B) + s_on.chunk_blocks
     assert "prefills of up to 512 tokens observe" in on.summary(0) and "observe" not in off.summary(0)

@@ -75,21 +75,22 @@ class ObserveRule:
 
 def add_with_chunk_limit(adder, req, room: int, add, wait):
     """SGLang's PrefillAdder step `add()` (add_one_req / add_chunked_req) for an observing prefill whose next chunk
-    SGLang would let take `room` tokens, with its chunk limit lowered to `ObserveRule.chunk_limit`'s (restored after,
-    less what the chunk used); `wait` (that step's "not this round") when the request must wait for room."""
+    SGLang would let take `room` tokens, with its chunk limit lowered to `ObserveRule.chunk_limit`'s; `wait` (that
+    step's "not this round") when the request must wait for room. A limited chunk (or a wait) leaves no chunk budget
+    to the round, as SGLang's own truncation does: SGLang chunks one request at a time (another one chunked into the
+    rest would trip its `chunked_req` assertion), and a request that waits must not have others run past it."""
     rule = ObserveRule.of(adder.token_to_kv_pool_allocator.store.plan)
     start, fill = len(req.prefix_indices), len(req.full_untruncated_fill_ids)
     limit = rule.chunk_limit(start, fill, room)
     if limit is None:
         out = add()
     elif limit <= 0:
+        adder.rem_chunk_tokens = 0
         return wait
     else:
-        saved, adder.rem_chunk_tokens = adder.rem_chunk_tokens, limit
-        try:
-            out = add()
-        finally:
-            adder.rem_chunk_tokens = saved - (limit - adder.rem_chunk_tokens)
+        adder.rem_chunk_tokens = limit
+        out = add()
+        adder.rem_chunk_tokens = 0
     if req in adder.can_run_list:
         rule.check_chunk(req.extend_range.end, fill)
     return out

@@ -56,6 +56,8 @@ class _TCACache:
         req = params.req
         if req is None:                                  # SGLang's own re-match after an insert
             return result
+        # Also called from the scheduling policy's priority pass (calc_priority), with fill ids not yet refreshed;
+        # init_next_round_input matches again, with them, before the request is added (and nothing reads it between)
         fill = len(req.full_untruncated_fill_ids)
         req.tca_observe_end = fill if ObserveRule.of(self.token_to_kv_pool_allocator.store.plan).observes(fill) else 0
         return zero_match_result(self, result, extra_key=req.extra_key) if req.tca_observe_end else result

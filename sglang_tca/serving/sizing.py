@@ -185,7 +185,8 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     It is never smaller than two prefill chunks plus four requests at their peak (a request must be able to run).
     With `observe` > 0 (--tca-observe), prefills of up to `observe_tokens` tokens observe: the dense pool above
     that minimum (and at most the context), since such a prompt holds all its tokens dense until its last chunk;
-    the reservation table gets a row for each of its blocks (their records are rebuilt in that forward).
+    the reservation table gets a row for each of its blocks and a chunk's more (their records are rebuilt in that
+    forward).
     Raises SizingError when the budget is too small."""
     if not 0.0 <= expected_share <= 1.0:
         raise SizingError(f"expected kept share must be in [0, 1], got {expected_share}")
@@ -206,8 +207,11 @@ def plan_memory(dims: ModelDims, *, budget_bytes: int, block: int, window: int, 
     dense_tokens = max(_round_up(dense_tokens, block), min_dense)
     observe_tokens = min(dense_tokens - min_dense, context_len) if observe > 0 else 0
     max_pages = max(math.ceil(dims.rows_per_block * block / page_rows), block_reserve)
-    reservation_rows = max(graph_max_bs, max(chunk_tokens, block) // block + max_requests + 1 +
-                           math.ceil(observe_tokens / block))
+    # a forward's own completing blocks; with observe, also the rebuilt blocks of the prompts ending in it: one up to
+    # observe_tokens long and whole prompts admitted beside it within one chunk
+    chunk_blocks = max(chunk_tokens, block) // block
+    reservation_rows = max(graph_max_bs, chunk_blocks + max_requests + 1 +
+                           (math.ceil(observe_tokens / block) + chunk_blocks if observe_tokens else 0))
     extend_kept_rows = EXTEND_GROUP_REQUESTS * context_len * dims.kv_heads
     # Decode attends a batch in groups of requests whose lists fit (TCAAttnBackend._groups); a CUDA graph's batch
     # must fit one group, and so, within DECODE_LIST_SHARE of the budget, must every batch of max_requests (eager

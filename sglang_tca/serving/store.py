@@ -250,11 +250,13 @@ class CompressedStore:
         if need.max(initial=0) > self.plan.max_pages_per_record:
             raise RuntimeError(f"TCA record of {int(need.max())} pages, the page table holds "
                                f"{self.plan.max_pages_per_record} (a bug; please report)")
-        self.release(pages[self.alive[pages]])
-        self.freed_epoch[pages] = self.launches          # the in-flight ones: freed after this forward's launch
-        if need.sum() > self._top:
+        settled = pages[self.alive[pages]]
+        freeable = self._top + sum(len(self.rec_pages[p]) for p in settled)
+        if need.sum() > freeable:                        # checked before anything changes
             raise StoreExhausted(f"TCA compressed store: replacing {len(pages)} records needs {int(need.sum())} "
-                                 f"pages, {self._top} are free (a bug; please report)")
+                                 f"pages, {freeable} are free (a bug; please report)")
+        self.release(settled)
+        self.freed_epoch[pages] = self.launches          # the in-flight ones: freed after this forward's launch
         return self._reserve(need.tolist(), slots)
 
     # -- what the scheduler may admit -------------------------------------------------------------------------------
@@ -274,13 +276,14 @@ class CompressedStore:
     def _hold_back(self, request_rows_in_use: int) -> float:
         """Pages held back for what the next forwards' completing blocks may take above the nominal share: one block
         per running request plus a prefill chunk's, each at its worst case (the sink's or `block_reserve_pages`).
-        With --tca-observe, also what `replace_records` takes at once: the new records of the forward's own blocks
-        while their worst-case reservations are still held, and a page of fragmentation per rebuilt record."""
+        With --tca-observe, also what `replace_records` takes at once: the new records of blocks whose worst-case
+        reservations are still held (this forward's and, under the overlap scheduler, the previous one's), and a page
+        of fragmentation per rebuilt record."""
         p = self.plan
         worst = max(p.block_reserve_pages, p.sink_pages)
         held = (request_rows_in_use + self.chunk_blocks) * max(worst - p.nominal_pages_per_block, 0.0)
-        if p.observe:
-            held += self.chunk_blocks * worst + math.ceil(p.observe_tokens / p.block)
+        if p.observe:           # in flight: this forward's and, under the overlap scheduler, the previous one's blocks
+            held += 2 * self.chunk_blocks * worst + math.ceil(p.observe_tokens / p.block) + self.chunk_blocks
         return held
 
     def longest_sequence(self) -> int:
