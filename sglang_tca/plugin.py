@@ -100,8 +100,9 @@ def validate_server_args(sa, runtime=None) -> None:
     user gave (an argparse Namespace or any object with those attributes; launch.py and the Engine check them first,
     so that our line comes before SGLang's own assertions). Missing attributes read as SGLang's defaults; the CUDA
     graph backends are only known once resolved, so they are checked on a ServerArgs only. The memory rules (page
-    size = the budgets' block, TCA's radix cache, --tca-observe's chunk and parallelism) need TCA's config: `runtime` (a TCARuntime), or
-    the one the scheduler processes will load for `sa.model_path`; without either they are not checked."""
+    size = the budgets' block, TCA's radix cache, --tca-observe's chunk and parallelism) need TCA's config:
+    `runtime` (a TCARuntime), or the one the scheduler processes will load for `sa.model_path`; without either they
+    are not checked."""
     from sglang.srt.server_args import ServerArgs
 
     g = lambda name, default=None: getattr(sa, name, default)  # noqa: E731

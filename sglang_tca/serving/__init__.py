@@ -5,8 +5,9 @@
                   (the selection itself is the Triton kernel sglang_tca/kernels/selection.py)
     sizing.py     the memory plan: SGLang's KV budget split into dense pool, compressed store, tables and buffers
     store.py      the compressed store: per logical page, its record's kept rows; page accounting on the host
-    observe.py    the question-aware end of prompt on freed memory: the last queries re-choose the prompt's blocks
-                  from its still-dense K/V, re-attend, and its records are rebuilt (not yet wired into the backend)
+    observe.py    the question-aware end of prompt on freed memory: who observes and where its chunks may end
+                  (scheduler side); in the forward, the last queries re-choose the prompt's blocks from its
+                  still-dense K/V, re-attend, and its records are rebuilt
     pool.py       the KV pool: one arena holding the store pages and the dense pool (SGLang's MHA pool as views)
     allocator.py  SGLang's hybrid-SWA allocator over logical ids ("full") and dense slots ("swa"), admitting by the
                   store's real free memory

@@ -61,13 +61,11 @@ class ObserveRule:
         before P0 (0: wait for room for the whole rest)."""
         if fill - start <= room:
             return None
-        p0 = self.last_chunk_start(fill)
-        if start > p0:
-            raise RuntimeError(f"TCA --tca-observe: a prefill of {fill} tokens has a chunk ending at {start}, inside its "
-                               f"last {fill - p0} tokens (a bug; please report)")
-        return min(p0 - start, room)
+        self.check_chunk(start, fill)                    # the previous chunk ended at start
+        return min(self.last_chunk_start(fill) - start, room)
 
     def check_chunk(self, end: int, fill: int) -> None:
+        """Raise when a chunk of a prefill of `fill` tokens ends inside its last N tokens (after P0)."""
         if self.last_chunk_start(fill) < end < fill:
             raise RuntimeError(f"TCA --tca-observe: a prefill of {fill} tokens got a chunk ending at {end}, inside its "
                                f"last {fill - self.last_chunk_start(fill)} tokens (a bug; please report)")
@@ -148,8 +146,10 @@ def rebuild(prompts: list[ObservingPrompt], *, store: CompressedStore, arena_k: 
     """After the last layer's `observe_layer`: the observed blocks' records are replaced by exact ones holding the
     chosen tokens (reservation rows first_slot.. of this forward). Returns their reservation, which the caller ends
     and settles after the forward's own (`CompressedStore.end_forward` / `settle`)."""
-    pages = torch.cat([compressed_pages(req_to_token, r, p) for r in prompts]) if prompts else None
-    if pages is None or pages.numel() == 0:
+    if not prompts:
+        return None
+    pages = torch.cat([compressed_pages(req_to_token, r, p) for r in prompts])
+    if pages.numel() == 0:
         return None
     n = pages.numel()
     if first_slot + n > store.res_pages.shape[0]:

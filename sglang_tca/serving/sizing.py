@@ -257,8 +257,6 @@ def _balanced_dense_tokens(dims: ModelDims, budget_bytes: int, block: int, windo
     blocks = (BALANCE_TOKENS - window - block) / block
     per_request = blocks * probe.nominal_pages_per_block * probe.page_bytes + \
         BALANCE_TOKENS / block * probe.table_bytes_per_logical_page
-    if per_request <= 0:                      # blocks keep nothing (streaming): windows are all there is
-        return budget_bytes // dims.cell
     # (D - c) / m = (budget - D * cell) / e   =>   D = (budget / e + c / m) / (1 / m + cell / e)
     d = (budget_bytes / per_request + two_chunks / mean_request) / (1 / mean_request + dims.cell / per_request)
     return int(d)
