@@ -17,9 +17,8 @@ bench/eval_budgets.py; at the two largest KV budgets whose expected kept share a
 the same mean, random tokens at TCA's per-block counts, and StreamingLLM (sink + window) with the window that keeps
 the same share at 8K; TCA with a wider window (fewer kept tokens per compressed block, the widest window that keeps
 at most a StreamingLLM peer's share: eps 0.2 and 0.1 at the larger peer share, eps 0.2 at the smaller); StreamingLLM
-at eps 0.05's share; w 512. The question-aware end of prompt (--tca-observe) is
-not planned: the server refuses it on freed memory (docs/ALGORITHM.md); the committed runs made before the memory
-was freed include it, and the report still reads them.
+at eps 0.05's share; w 512; the question-aware end of prompt (--tca-observe 32, on freed memory since 2026-12-07) at
+the two peer budgets (with its uniform peer, first in the plan after dense) and at eps 0.05.
 The report adds paired differences (same prompts) of each TCA run against dense, the StreamingLLM run made from its
 budgets file, and uniform and random at its eps; of each observe run against dense, StreamingLLM, TCA without observe
 and uniform with observe; of each wide-window run against dense and the StreamingLLM run whose share it matches.
@@ -158,9 +157,14 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     def uniform(e, **kw):
         return {"budgets": budgets_dir / f"uniform_w1024_eps{e}.json", "eps": e, **kw}
 
+    def observing(e):                      # the question-aware end of prompt (--tca-observe) and its uniform peer
+        return [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE},
+                {"name": f"uniform+obs{OBSERVE} eps={e}", **uniform(e, observe=OBSERVE)}]
+
     runs = [{"name": "dense", "backend": "triton"}]
     for e in peers:
-        runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e},
+        runs += [*observing(e),
+                 {"name": f"tca eps={e}", "budgets": tca[e], "eps": e},
                  streaming(e),
                  {"name": f"uniform eps={e}", **uniform(e)},
                  {"name": f"random eps={e}", "budgets": tca[e], "policy": "random", "eps": e}]
@@ -171,7 +175,7 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     rest = [e for e in sweep if e not in peers]
     runs += [{"name": f"tca eps={e}", "budgets": tca[e], "eps": e} for e in rest]
     if 0.05 in rest:
-        runs.append(streaming(0.05))
+        runs += [streaming(0.05), observing(0.05)[0]]
     w512 = budgets_dir / f"tca_w512_eps{peers[-1]}.json"
     if w512.is_file():                                   # the window as a knob: w 512 at the same eps
         runs.append({"name": f"tca w=512 eps={peers[-1]}", "budgets": w512, "eps": peers[-1]})

@@ -81,7 +81,8 @@ def test_paired_differences_match_runs_to_their_baselines(samples):
 
 def test_plan_widens_the_window_to_the_streaming_peers_share():
     """The wide-window runs keep at most the share of the StreamingLLM run they are paired with (expected at 8K),
-    with a window wider than their budgets' own; --only picks runs in its order and refuses unknown names."""
+    with a window wider than their budgets' own; the observe runs come first, at the peer budgets; --only picks runs
+    in its order and refuses unknown names."""
     from sglang_tca.budgets import Budgets
 
     runs = eval_suite.plan(eval_suite.BUDGETS_DIR)
@@ -94,6 +95,11 @@ def test_plan_widens_the_window_to_the_streaming_peers_share():
         cap = b.expected_kept(8192, window=peer["window"], rho=0.0)
         assert b.expected_kept(8192, window=r["window"]) <= cap < b.expected_kept(8192, window=r["window"] + b.block)
         assert r["name"] == f"tca w={r['window']} eps={r['eps']}"
+    observing = [r for r in runs if r.get("observe")]       # on freed memory since --tca-observe works there
+    assert {r["name"] for r in observing} == {"tca+obs32 eps=0.07", "uniform+obs32 eps=0.07", "tca+obs32 eps=0.1",
+                                              "uniform+obs32 eps=0.1", "tca+obs32 eps=0.05"}
+    assert runs[1]["name"] == "tca+obs32 eps=0.07" and by["tca eps=0.07"]["budgets"] == runs[1]["budgets"]
+    assert by["uniform+obs32 eps=0.07"]["budgets"].endswith("uniform_w1024_eps0.07.json")
     names = [wide[1]["name"], "dense"]
     assert [r["name"] for r in eval_suite.select_runs(runs, names)] == names
     with pytest.raises(SystemExit, match="no run of the plan.*'tca eps=9'"):
