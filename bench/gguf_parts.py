@@ -33,8 +33,10 @@ def split() -> None:
 
 def stash(part_dir: str) -> None:
     STASH.mkdir(parents=True, exist_ok=True)
-    for f in Path(part_dir).iterdir():
-        shutil.copy(f, STASH / f"{Path(part_dir).name}.{f.name}")
+    for f in Path(part_dir).iterdir():         # copy, then rename: a job waiting for the parts never sees half of one
+        dst = STASH / f"{Path(part_dir).name}.{f.name}"
+        shutil.copy(f, dst.with_name(dst.name + ".tmp"))
+        dst.with_name(dst.name + ".tmp").rename(dst)
     print(f"stashed {part_dir} in {STASH}: {sorted(p.name for p in STASH.iterdir())}")
 
 
