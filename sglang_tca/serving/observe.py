@@ -11,9 +11,9 @@ In that forward, per layer, after the prefix-pure pass (`observe_layer`):
   3. the blocks' keep masks in the store become the choice (their rows are rebuilt at the last layer);
   4. the last N queries attend again (`tca_sparse_attention`, kept lists of the sink and the chosen tokens at their
      dense rows) and their outputs are overwritten.
-After the last layer's (`rebuild`): the new records' row counts come to the host (the one synchronisation), the
-store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the compaction runs again
-for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from the store.
+After the last layer's (`rebuild`): the new records' row counts come to the host (an observing prompt's one
+synchronisation), the store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the
+compaction runs again for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from the store.
 The scheduler's side (`ObserveRule`, used by sglang_tca/serving/radix.py and the PrefillAdder patches) decides
 from lengths alone, so identically on every rank: which prefills observe, and where their chunks may end.
 Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after),
@@ -130,14 +130,26 @@ def observe_layer(q: torch.Tensor, out: torch.Tensor, layer: int, prompt: Observ
     chosen = observe_keep(q_obs.transpose(0, 1), k, counts, p, scale)              # [Hkv, nc * b]
     store.mask[pages, layer] = pack_bits(chosen.view(hkv, -1, b)).transpose(0, 1)
     keep = torch.cat([chosen.new_ones(hkv, b), chosen], 1)                          # the sink, then the choice
-    head, pos = keep.nonzero(as_tuple=True)                                         # (head, position) ascending
-    kept_row = rows[pos, head].int()
-    kept_indptr = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).int()
-    dev = q.device
+    kept_row, kept_pos, kept_indptr = _kept_lists(keep, rows)
+    dev = q.device                                     # the request's row, first query and offsets, made on the device
     tca_sparse_attention(q_obs, arena_k, arena_v, dense_base, hkv, l2d, req_to_token,
-                         torch.tensor([prompt.row], device=dev), torch.tensor([prompt.length - n_obs], device=dev),
-                         torch.tensor([0, n_obs], dtype=torch.int32, device=dev), kept_indptr, kept_row, pos.int(),
+                         torch.full((1,), prompt.row, device=dev), torch.full((1,), prompt.length - n_obs, device=dev),
+                         torch.arange(2, dtype=torch.int32, device=dev) * n_obs, kept_indptr, kept_row, kept_pos,
                          b, p.window, scale, out=out[prompt.q_end - n_obs:prompt.q_end], max_q_len=n_obs)
+
+
+def _kept_lists(keep: torch.Tensor, rows: torch.Tensor):
+    """(kept_row, kept_pos, kept_indptr) of one request for `tca_sparse_attention`: per KV head, the positions keep
+    [Hkv, L] keeps, ascending, and their arena rows (rows [>= L, Hkv]). Without a host synchronisation (nonzero would
+    wait for the device once per layer): each kept entry is scattered to its exclusive-cumsum offset, the dropped ones
+    to a trash slot past the end."""
+    hkv, length = keep.shape
+    flat = keep.flatten()
+    dest = torch.where(flat, flat.cumsum(0) - 1, hkv * length)
+    pos = torch.arange(length, dtype=torch.int32, device=keep.device).repeat(hkv)
+    kept_pos = torch.empty(hkv * length + 1, dtype=torch.int32, device=keep.device).scatter_(0, dest, pos)
+    kept_row = torch.empty_like(kept_pos).scatter_(0, dest, rows[:length].t().flatten().int())
+    return kept_row, kept_pos, torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0)).int()
 
 
 def rebuild(prompts: list[ObservingPrompt], *, store: CompressedStore, arena_k: torch.Tensor, arena_v: torch.Tensor,
