@@ -13,7 +13,8 @@ In that forward, per layer, after the prefix-pure pass (`observe_layer`):
      dense rows) and their outputs are overwritten.
 After the last layer's (`rebuild`): the new records' row counts come to the host (an observing prompt's one
 synchronisation), the store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the
-compaction runs again for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from the store.
+compaction runs again for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from
+the store.
 The scheduler's side (`ObserveRule`, used by sglang_tca/serving/radix.py and the PrefillAdder patches) decides
 from lengths alone, so identically on every rank: which prefills observe, and where their chunks may end.
 Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after),
