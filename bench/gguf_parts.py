@@ -35,8 +35,9 @@ def stash(part_dir: str) -> None:
     STASH.mkdir(parents=True, exist_ok=True)
     for f in Path(part_dir).iterdir():         # copy, then rename: a job waiting for the parts never sees half of one
         dst = STASH / f"{Path(part_dir).name}.{f.name}"
-        shutil.copy(f, dst.with_name(dst.name + ".tmp"))
-        dst.with_name(dst.name + ".tmp").rename(dst)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copy(f, tmp)
+        tmp.rename(dst)
     print(f"stashed {part_dir} in {STASH}: {sorted(p.name for p in STASH.iterdir())}")
 
 

@@ -86,9 +86,10 @@ def main():
         finally:
             eng.shutdown()
         print(f"[observe_check] {tag}: {time.time() - t0:.1f}s", flush=True)
+        md = head + table(res, tok, obs, [r[0] for r in runs])
         (out / "observe_check_raw.json").write_text(json.dumps(res, default=str)[:2_000_000])
-        (out / "observe_check.md").write_text(head + table(res, tok, obs, [r[0] for r in runs]))
-    print(head + table(res, tok, obs, [r[0] for r in runs]))
+        (out / "observe_check.md").write_text(md)
+    print(md)
 
 
 def table(res: dict, tok, obs: str, planned: list[str]) -> str:
@@ -122,6 +123,7 @@ def table(res: dict, tok, obs: str, planned: list[str]) -> str:
     missing = [t for t in planned if t not in res]
     rows.append(("runs", f"{len(res)} of {len(planned)} ran" + (f"; not run: {', '.join(missing)}" if missing else "")))
     return "| check | result |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
+
 
 if __name__ == "__main__":
     main()
