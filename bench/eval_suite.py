@@ -18,7 +18,8 @@ the same mean, random tokens at TCA's per-block counts, and StreamingLLM (sink +
 the same share at 8K; TCA with a wider window (fewer kept tokens per compressed block, the widest window that keeps
 at most a StreamingLLM peer's share: eps 0.2 and 0.1 at the larger peer share, eps 0.2 at the smaller); StreamingLLM
 at eps 0.05's share; w 512; the question-aware end of prompt (--tca-observe 32, on freed memory since 2026-12-07) at
-the two peer budgets (with its uniform peer, first in the plan after dense) and at eps 0.05.
+the two peer budgets (with its uniform peer, first in the plan after dense), at the same two with a dense observing
+prefill (--tca-observe-prefill dense, SnapKV's way; its uniform peer too), and at eps 0.05.
 The report adds paired differences (same prompts) of each TCA run against dense, the StreamingLLM run made from its
 budgets file, and uniform and random at its eps; of each observe run against dense, StreamingLLM, TCA without observe
 and uniform with observe; of each wide-window run against dense and the StreamingLLM run whose share it matches.
@@ -157,13 +158,14 @@ def plan(budgets_dir: Path, sweep=SWEEP) -> list[dict]:
     def uniform(e, **kw):
         return {"budgets": budgets_dir / f"uniform_w1024_eps{e}.json", "eps": e, **kw}
 
-    def observing(e):                      # the question-aware end of prompt (--tca-observe) and its uniform peer
-        return [{"name": f"tca+obs{OBSERVE} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE},
-                {"name": f"uniform+obs{OBSERVE} eps={e}", **uniform(e, observe=OBSERVE)}]
+    def observing(e, prefill="sparse"):    # the question-aware end of prompt (--tca-observe) and its uniform peer
+        sfx, kw = ("", {}) if prefill == "sparse" else (f"+{prefill}", {"observe_prefill": prefill})
+        return [{"name": f"tca+obs{OBSERVE}{sfx} eps={e}", "budgets": tca[e], "eps": e, "observe": OBSERVE, **kw},
+                {"name": f"uniform+obs{OBSERVE}{sfx} eps={e}", **uniform(e, observe=OBSERVE, **kw)}]
 
     runs = [{"name": "dense", "backend": "triton"}]
     for e in peers:
-        runs += [*observing(e),
+        runs += [*observing(e), *observing(e, "dense"),
                  {"name": f"tca eps={e}", "budgets": tca[e], "eps": e},
                  streaming(e),
                  {"name": f"uniform eps={e}", **uniform(e)},
@@ -209,7 +211,7 @@ def run_policy(spec: dict, model: str, items: list[dict], tok, stats_path: Path,
     tca = None
     if spec["backend"] == "tca":
         tca = TCAConfig(budgets=spec["budgets"], window=spec.get("window"), policy=spec.get("policy"),
-                        observe=spec.get("observe"))
+                        observe=spec.get("observe"), observe_prefill=spec.get("observe_prefill"))
     t0 = time.time()
     eng = Engine(model_path=model, attention_backend=spec["backend"], tca=tca, disable_prefill_cuda_graph=True,
                  log_level=log_level, mem_fraction_static=0.6, cuda_graph_max_bs_decode=64)
@@ -415,7 +417,8 @@ def paired(a: dict, b: dict, length: int) -> tuple[float, float, int]:
 def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
     """(run, baseline, difference) for each TCA run against dense, against StreamingLLM at its KV share (made from
     the same budgets file) and against the peers at its eps: uniform and random without observe (the calibration
-    ablation); uniform with observe and TCA without for a run with observe. A run with a widened window (spec
+    ablation); uniform with observe and TCA without for a run with observe (with a dense observing prefill: uniform
+    with the same, and TCA with observe's sparse prefill). A run with a widened window (spec
     "streaming_peer") against dense and the StreamingLLM run whose share it matches."""
     out = []
     dense = next((n for n, s in summ.items() if s["spec"]["backend"] == "triton"), None)
@@ -426,7 +429,12 @@ def paired_rows(summ: dict, length: int = 8192) -> list[tuple[str, str, tuple]]:
             continue
         if not kind.startswith("tca") or "w=" in name:
             continue
-        peers = ("uniform", "random") if kind == "tca" else ("uniform+obs%d" % sp["observe"], "tca")
+        if kind == "tca":
+            peers = ("uniform", "random")
+        elif sp.get("observe_prefill") == "dense":
+            peers = (f"uniform+obs{sp['observe']}+dense", "tca", f"tca+obs{sp['observe']}")
+        else:
+            peers = (f"uniform+obs{sp['observe']}", "tca")
         bases = [dense] + [n for n, t in summ.items()
                            if t["spec"].get("policy") == "streaming" and t["spec"].get("budgets") == sp["budgets"]]
         bases += [n for n, t in summ.items() if n != name and sp.get("eps") is not None
@@ -511,9 +519,14 @@ def markdown(results: list[dict], summ: dict) -> str:
     for name, s in summ.items():
         if s["fidelity"]:
             f = s["fidelity"]
+            dense_pf = s["spec"].get("observe_prefill") == "dense"    # teacher-forced prompt positions run dense
             lines.append(f"| {name} | " + " | ".join(
-                f"{_f(f[n]['agree'][0], 3)} | {_f(f[n]['dnll'][0], 4)} | {_f(f[n]['cont'][0], 3)}" if n in f else "- | - | -"
-                for n in LENGTHS) + " |")
+                ("(dense) | (dense)" if dense_pf else f"{_f(f[n]['agree'][0], 3)} | {_f(f[n]['dnll'][0], 4)}")
+                + f" | {_f(f[n]['cont'][0], 3)}" if n in f else "- | - | -" for n in LENGTHS) + " |")
+    if any(s["spec"].get("observe_prefill") == "dense" for s in summ.values()):
+        lines.append("\n(dense): with --tca-observe-prefill dense the teacher-forced positions (the end of an observing "
+                     "prompt) attend densely, so top-1 and dNLL are dense's by construction; the continuation, decoded "
+                     "from the pruned cache, is what such a run is measured by.")
     for mode in ("separate", "conversation"):
         lines += [f"\n## Shared context, {mode} ({MT_TURNS} questions per document, radix cache on): accuracy per "
                   "turn (mean cached tokens, KV kept), all lengths\n",
@@ -546,7 +559,8 @@ def plots(summ: dict, out: Path) -> None:
         kept = s["kept"].get(8192, float("nan"))
         ttft = (s["ttft"] or {}).get("8192", {}).get("median_rest", float("nan"))
         style = {"dense": "k*", "tca": "bo", "uniform": "gs", "streaming": "r^", "random": "mv",
-                 f"tca+obs{OBSERVE}": "cD", f"uniform+obs{OBSERVE}": "yD"}.get(kind, "kx")
+                 f"tca+obs{OBSERVE}": "cD", f"uniform+obs{OBSERVE}": "yD", f"tca+obs{OBSERVE}+dense": "cP",
+                 f"uniform+obs{OBSERVE}+dense": "yP"}.get(kind, "kx")
         for ax, x in zip(axes, (kept, ttft)):
             ax.errorbar([x], [a[0]], yerr=[a[1]], fmt=style, capsize=3, label=name)
     axes[0].set_xlabel("KV kept at 8K (share of dense)")

@@ -7,7 +7,8 @@ calibrated budgets, through SGLang's offline Engine (the server's API):
 Prompts: passkey retrieval at 4K and 8K tokens (3 each) and one 6K-token document with two questions. Runs, one
 Engine each, with SGLang's strict memory checks on while busy for TCA (a leak or an accounting error stops the run):
 dense triton at prefill chunks of 512 and 8192 tokens; TCA with observe at chunks 512, 1024 and 8192, and at 1024
-with the radix cache off; TCA without observe at 1024. What it shows: whether observe's greedy tokens are the same
+with the radix cache off; the same with a dense observing prefill (--tca-observe-prefill dense) at 1024 and 8192;
+TCA without observe at 1024. What it shows: whether observe's greedy tokens are the same
 whatever the chunk size and with the radix cache on or off (issue 15: independent of chunk size and cache history,
 beyond what dense SGLang itself shows, whose row is printed beside), the passkeys found, that an observing prompt
 reuses no cached prefix, and the memory after. Every prompt here is long enough to observe, so radix on vs off shows
@@ -32,6 +33,7 @@ from serve_check import engine, generate  # noqa: E402
 from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 
 KEYS = (52817, 39402, 71163)
+DENSE = " dense prefill"       # the tag of the --tca-observe-prefill dense runs, after the observe runs' own
 
 
 def main():
@@ -59,11 +61,14 @@ def main():
                  "\n\nQuestion: Summarize the last paragraph in one sentence. Answer:"]
     prompts = passkeys + [doc + tok(q, add_special_tokens=False).input_ids for q in questions]
     obs = f"TCA observe {args.observe}"
+    obs_d = obs + DENSE
     # most telling first: every run's results and the table are written after each run, so a run that fails (an
     # Engine failure ends this process) or a call that runs out of time leaves what came before it
     runs = [(f"{obs}, chunk 1024", "tca", args.budgets, args.observe, 1024, {}),
             (f"{obs}, chunk 8192", "tca", args.budgets, args.observe, 8192, {}),
             (f"{obs}, chunk 1024, radix off", "tca", args.budgets, args.observe, 1024, {"disable_radix_cache": True}),
+            (f"{obs_d}, chunk 1024", "tca", args.budgets, args.observe, 1024, {"observe_prefill": "dense"}),
+            (f"{obs_d}, chunk 8192", "tca", args.budgets, args.observe, 8192, {"observe_prefill": "dense"}),
             ("TCA, chunk 1024", "tca", args.budgets, 0, 1024, {}),
             ("dense triton, chunk 512", "triton", None, 0, 512, {}),
             ("dense triton, chunk 8192", "triton", None, 0, 8192, {}),
@@ -94,6 +99,8 @@ def main():
 
 def table(res: dict, tok, obs: str, planned: list[str]) -> str:
     """The checks the runs so far allow (the others say which run they wait for)."""
+    obs_d = obs + DENSE
+
     def same(a, b):
         if a not in res or b not in res:
             return "not run: " + ", ".join(t for t in (a, b) if t not in res)
@@ -107,8 +114,10 @@ def table(res: dict, tok, obs: str, planned: list[str]) -> str:
             (f"{obs}: radix on vs off (chunk 1024; every prompt here observes, so neither run reuses a prefix)",
              same(f"{obs}, chunk 1024", f"{obs}, chunk 1024, radix off")),
             (f"{obs} vs TCA without observe (chunk 1024: observe should change some answers)",
-             same(f"{obs}, chunk 1024", "TCA, chunk 1024"))]
-    for tag in ("dense triton, chunk 512", "TCA, chunk 1024", f"{obs}, chunk 1024"):
+             same(f"{obs}, chunk 1024", "TCA, chunk 1024")),
+            (f"{obs_d}: chunk 1024 vs 8192", same(f"{obs_d}, chunk 1024", f"{obs_d}, chunk 8192")),
+            (f"{obs_d} vs {obs} (chunk 1024)", same(f"{obs_d}, chunk 1024", f"{obs}, chunk 1024"))]
+    for tag in ("dense triton, chunk 512", "TCA, chunk 1024", f"{obs}, chunk 1024", f"{obs_d}, chunk 1024"):
         if tag in res:
             hits = [str(k) in tok.decode(t) for k, t in zip(KEYS * 2, res[tag]["tokens"][:6])]
             rows.append((f"passkeys found, {tag} (4K, 8K)", f"{sum(hits[:3])}/3, {sum(hits[3:])}/3"))

@@ -33,11 +33,12 @@ from sglang_tca.config import EMBEDDED_BUDGETS  # noqa: E402
 LENGTHS = (100, 1000, 2000, 4000, 8000)
 
 
-def engine(model, backend, budgets=None, observe=0, **kw):
+def engine(model, backend, budgets=None, observe=0, observe_prefill=None, **kw):
     from sglang_tca.config import TCAConfig
     from sglang_tca.engine import Engine
 
-    tca = TCAConfig(budgets=str(budgets), observe=observe or None) if budgets is not None else None
+    tca = TCAConfig(budgets=str(budgets), observe=observe or None, observe_prefill=observe_prefill) \
+        if budgets is not None else None
     return Engine(model_path=str(model), attention_backend=backend, tca=tca, disable_prefill_cuda_graph=True,
                   log_level="error", mem_fraction_static=0.5, cuda_graph_max_bs_decode=16, **kw)
 

@@ -14,7 +14,8 @@ group share their KV head's selection. docs/ALGORITHM.md is the spec; in short, 
   compressed, so a block's selection depends only on the prefix up to then (prefix purity), and sparse prefill
   and pruned decode give the same outputs.
 * Optional question-aware end of prompt (`observe` = N > 0, `observe_keep`): the prompt's last N queries re-choose,
-  per KV head and with the same number of tokens, which tokens of the compressed blocks they and the decode see.
+  per KV head and with the same number of tokens, which tokens of the compressed blocks they and the decode see;
+  with `observe_prefill` "dense" the prompt itself is attended densely and only the decode sees the choice.
 """
 from __future__ import annotations
 
@@ -210,18 +211,24 @@ def prompt_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, p: TCAPara
     """What the queries of positions [q_start, L) of a prompt of length L = k.shape[1] see, given its prefix-pure
     selection keep [Hkv, L] (`select`): (mask [Hkv, L - q_start, L], observed [Hkv, ds - b] or None). With
     p.observe = N > 0 the prompt's last N queries see `observe_keep`'s tokens in the compressed blocks (returned as
-    `observed`: the decode that follows sees them too), every other query the prefix-pure selection. `pool` and
-    `choose(scores [Hkv, ds - b], counts [Hkv]) -> keep` vary the observed choice (bench/ablation_hf.py); the
-    defaults are `observe_keep`'s."""
+    `observed`: the decode that follows sees them too), every other query the prefix-pure selection; with
+    p.observe_prefill "dense" every query of the prompt sees the whole causal prompt instead (only the decode reads
+    the observed choice: SnapKV's way). `pool` and `choose(scores [Hkv, ds - b], counts [Hkv]) -> keep` vary the
+    observed choice (bench/ablation_hf.py); the defaults are `observe_keep`'s."""
     lk = k.shape[1]
-    mask = visible(keep, torch.arange(q_start, lk, device=q.device), lk, p)
+    q_pos = torch.arange(q_start, lk, device=q.device)
     n_obs = min(p.observe, lk)
+    if n_obs and p.observe_prefill == "dense":
+        mask = (torch.arange(lk, device=q.device)[None, :] <= q_pos[:, None]).expand(keep.shape[0], -1, -1).clone()
+    else:
+        mask = visible(keep, q_pos, lk, p)
     if n_obs == 0:
         return mask, None
     ds = int(dense_start(lk, p.block, p.window))
     observed = choose(observe_scores(q[:, lk - n_obs:], k, p, scale, pool), keep[:, p.block:ds].sum(-1))
-    tail = torch.arange(max(q_start, lk - n_obs), lk, device=q.device)
-    mask[:, tail - q_start] = visible(with_observed(keep, observed, p.block), tail, lk, p)
+    if p.observe_prefill != "dense":
+        tail = torch.arange(max(q_start, lk - n_obs), lk, device=q.device)
+        mask[:, tail - q_start] = visible(with_observed(keep, observed, p.block), tail, lk, p)
     return mask, observed
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sglang_tca.config import CALIBRATE_HINT, ENV_VAR, TCAConfig, check_model_path
-from sglang_tca.params import POLICIES
+from sglang_tca.params import OBSERVE_PREFILLS, POLICIES
 from sglang_tca.plugin import DISABLE_PREFILL_GRAPH_FLAG, PREFILL_GRAPH_REASON
 
 EXIT_BAD_INPUT = 2
@@ -55,6 +55,9 @@ def _tca_parser() -> argparse.ArgumentParser:
                    help="question-aware end of prompt (a prompt's last N queries re-choose its compressed tokens; "
                         "such a prompt stays dense until its end and is not shared through the radix cache; "
                         "default 0 = off; see docs/ALGORITHM.md)")
+    g.add_argument("--tca-observe-prefill", choices=OBSERVE_PREFILLS, metavar="P",
+                   help="what an observing prompt's own queries see: sparse (default: TCA's selection) or dense "
+                        "(the whole prompt; only the decode reads the question-aware choice); needs --tca-observe")
     g.add_argument("--tca-dense-tokens", type=int, metavar="N",
                    help="slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of the KV "
                         "budget holds the compressed store (default: 20%% of the budget, or enough windows for "
@@ -129,7 +132,9 @@ def prepare(argv: Sequence[str], environ=None):
     use_tca = not ours.no_tca and chosen in (None, BACKEND)
     tca_flags = [f for f, v in (("--tca-budgets", ours.tca_budgets), ("--tca-window", ours.tca_window),
                                 ("--tca-block", ours.tca_block), ("--tca-policy", ours.tca_policy),
-                                ("--tca-observe", ours.tca_observe), ("--tca-dense-tokens", ours.tca_dense_tokens))
+                                ("--tca-observe", ours.tca_observe),
+                                ("--tca-observe-prefill", ours.tca_observe_prefill),
+                                ("--tca-dense-tokens", ours.tca_dense_tokens))
                  if v is not None]
     if ours.no_tca and chosen == BACKEND:
         raise CLIError("--no-tca contradicts --attention-backend tca")
@@ -137,7 +142,8 @@ def prepare(argv: Sequence[str], environ=None):
     if use_tca:
         cfg = TCAConfig(budgets=None if ours.tca_budgets is None else str(Path(ours.tca_budgets).expanduser().resolve()),
                         window=ours.tca_window, block=ours.tca_block, policy=ours.tca_policy,
-                        observe=ours.tca_observe, dense_tokens=ours.tca_dense_tokens)
+                        observe=ours.tca_observe, observe_prefill=ours.tca_observe_prefill,
+                        dense_tokens=ours.tca_dense_tokens)
         runtime = cfg.resolve(model, is_embedded=True if model_defaulted else None)
         if chosen is None:
             rest = [*rest, "--attention-backend", BACKEND]

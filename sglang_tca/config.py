@@ -20,6 +20,9 @@ Fields (None means "default"):
                   same number of tokens, which compressed tokens they and the decode see (`algorithm.observe_keep`).
                   0 = off; at most the window. In the server such a prompt stays dense until its end
                   (`sglang_tca.serving.observe`).
+  observe_prefill what an observing prompt's own queries see: "sparse" (default: TCA's prefix-pure selection, the
+                  last N queries the choice) or "dense" (the whole prompt, SnapKV's way; only the decode reads the
+                  choice). Needs observe > 0.
   dense_tokens    slots of the dense KV pool (sinks, windows, prefill chunks in flight); the rest of SGLang's KV
                   budget holds the compressed store. Default: see `sglang_tca.serving.sizing.plan_memory`.
   budgets_sha256  sha256 (hex) the budgets file's bytes must have; set by the launcher (`TCARuntime.handoff`) so
@@ -38,7 +41,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
-from sglang_tca.params import POLICIES
+from sglang_tca.params import OBSERVE_PREFILLS, POLICIES
 
 ENV_VAR = "SGLANG_TCA_CONFIG"
 STATS_ENV = "SGLANG_TCA_STATS"   # evaluation only: file the backend appends per-request KV-kept shares to
@@ -66,6 +69,7 @@ class TCAConfig:
     block: int | None = None
     policy: str | None = None
     observe: int | None = None
+    observe_prefill: str | None = None
     dense_tokens: int | None = None
     budgets_sha256: str | None = None
 
@@ -82,6 +86,9 @@ class TCAConfig:
             raise TCAConfigError(f"--tca-dense-tokens must be positive, got {self.dense_tokens}")
         if self.observe is not None and self.observe < 0:
             raise TCAConfigError(f"--tca-observe must be >= 0 (0 = off), got {self.observe}")
+        if self.observe_prefill is not None and self.observe_prefill not in OBSERVE_PREFILLS:
+            raise TCAConfigError(f"--tca-observe-prefill must be one of {', '.join(OBSERVE_PREFILLS)}, "
+                                 f"got {self.observe_prefill!r}")
         if self.policy is not None and self.policy not in POLICIES:
             raise TCAConfigError(f"--tca-policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.budgets is not None and not isinstance(self.budgets, str):
@@ -144,8 +151,12 @@ class TCAConfig:
         observe = self.observe or 0
         if observe > window:
             raise TCAConfigError(f"--tca-observe {observe} must not exceed the window ({window} tokens)")
+        if self.observe_prefill is not None and observe == 0:
+            raise TCAConfigError(f"--tca-observe-prefill {self.observe_prefill} needs --tca-observe N > 0 (it says "
+                                 f"what an observing prompt's queries see)")
         return TCARuntime(config=self, model_path=str(model_path), budgets_path=str(path), budgets=budgets,
-                          shape=shape, window=window, block=block, policy=self.policy or "tca", observe=observe)
+                          shape=shape, window=window, block=block, policy=self.policy or "tca", observe=observe,
+                          observe_prefill=self.observe_prefill or "sparse")
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,7 @@ class TCARuntime:
     block: int
     policy: str
     observe: int = 0
+    observe_prefill: str = "sparse"
 
     @property
     def sink(self) -> int:

@@ -37,17 +37,20 @@ class Dense(Policy):
 class TCA(Policy):
     """TCA with these budgets; `policy` "random" / "streaming" and a `window` override give the evaluation
     baselines (see algorithm.apply_policy); `observe` N > 0 the question-aware end of prompt, whose selection the
-    decode that follows (`generate`) keeps seeing, as in the server."""
+    decode that follows (`generate`) keeps seeing, as in the server (`observe_prefill` "dense": the prompt itself
+    attends densely)."""
     budgets: Budgets
     policy: str = "tca"
     window: int | None = None
     observe: int = 0
+    observe_prefill: str = "sparse"
     counts: dict = field(default_factory=dict)     # layer -> per-block keep counts [Hkv, nb] of the last call
     observed: dict = field(default_factory=dict)   # layer -> the prompt's observed selection (observe > 0)
 
     def __post_init__(self):
         b = self.budgets
-        self.params = TCAParams(b.block, self.window or b.window, b.scoring, self.policy, self.observe)
+        self.params = TCAParams(b.block, self.window or b.window, b.scoring, self.policy, self.observe,
+                                 self.observe_prefill)
 
     def mask(self, layer, q, k, pos, scale):
         keep, self.counts[layer] = select(q, k, self.budgets.thresholds[layer], self.params, layer)

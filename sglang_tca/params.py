@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("tca", "random", "streaming")   # token selection policies, see algorithm.apply_policy
+OBSERVE_PREFILLS = ("sparse", "dense")      # what an observing prompt's own queries see, see algorithm.prompt_mask
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class TCAParams:
     scoring: str = "block_last"   # or "window"
     policy: str = "tca"           # or an evaluation baseline, see `algorithm.apply_policy`
     observe: int = 0              # question-aware end of prompt: its last `observe` queries re-select (0 = off)
+    observe_prefill: str = "sparse"   # "dense": an observing prompt's queries see the whole prompt (SnapKV-style)
 
     @property
     def n_obs(self) -> int:

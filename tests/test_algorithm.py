@@ -213,6 +213,27 @@ def test_observed_end_of_prompt_finds_a_needle_at_the_same_budget():
     assert none is None and torch.equal(plain, visible(keep, torch.arange(L), L, p))
 
 
+def test_dense_observe_prefill_attends_the_whole_prompt_and_keeps_the_same_choice():
+    """observe_prefill "dense" (SnapKV's way): every query of the prompt, from any q_start, sees the whole causal
+    prompt; the observed choice (what the decode sees) is the sparse variant's, from the same queries and keys."""
+    from sglang_tca.algorithm import prompt_mask
+
+    p = TCAParams(block=8, window=32, observe=4)
+    pd = TCAParams(block=8, window=32, observe=4, observe_prefill="dense")
+    L, scale = 160, D ** -0.5
+    q, k, _ = rand_qkv(L, seed=7)
+    keep, _ = select(q, k, thresholds_for(p, "calibrated"), p)
+    sparse_mask, sparse_obs = prompt_mask(q, k, keep, p, scale)
+    for q_start in (0, 100):
+        mask, observed = prompt_mask(q, k, keep, pd, scale, q_start=q_start)
+        causal = torch.arange(L)[None, :] <= torch.arange(q_start, L)[:, None]
+        assert torch.equal(mask, causal.expand(HKV, -1, -1))
+        assert torch.equal(observed, sparse_obs)
+        assert mask.shape == sparse_mask[:, q_start:].shape and not torch.equal(sparse_mask[:, q_start:], mask)
+    plain, none = prompt_mask(q, k, keep, TCAParams(block=8, window=32, observe_prefill="dense"), scale)
+    assert none is None and torch.equal(plain, visible(keep, torch.arange(L), L, p))   # without observe: plain TCA
+
+
 def test_hf_reference_decode_keeps_the_observed_selection():
     """sglang_tca.hf_attention.TCA with observe: after a prompt, a decode step sees the prompt's observed tokens in
     the prompt's compressed blocks (as the server's decode does), not a fresh prefix-pure selection."""

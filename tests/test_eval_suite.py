@@ -79,6 +79,28 @@ def test_paired_differences_match_runs_to_their_baselines(samples):
     assert rows[("tca eps=0.1", "streaming w=1984")][0] == pytest.approx(0)
 
 
+def test_paired_rows_of_a_dense_observing_prefill_run(samples):
+    """A run with --tca-observe-prefill dense is compared with uniform budgets under the same, TCA without observe and
+    TCA with observe's sparse prefill (not with uniform under the sparse one)."""
+    runs = [fake_run("dense", "triton", samples, True),
+            fake_run("tca+obs32+dense eps=0.1", "tca", samples, True, 0.3, budgets="b0.1", eps=0.1, observe=32,
+                     observe_prefill="dense"),
+            *[fake_run(n, "tca", samples, False, 0.3, budgets=b, eps=0.1, **kw) for n, b, kw in (
+                ("tca+obs32 eps=0.1", "b0.1", {"observe": 32}), ("uniform+obs32 eps=0.1", "u0.1", {"observe": 32}),
+                ("uniform+obs32+dense eps=0.1", "u0.1", {"observe": 32, "observe_prefill": "dense"}),
+                ("tca eps=0.1", "b0.1", {}))]]
+    rows = {(a, b): d for a, b, d in eval_suite.paired_rows(eval_suite.summarize(runs), length=2048)
+            if a == "tca+obs32+dense eps=0.1"}
+    assert set(rows) == {("tca+obs32+dense eps=0.1", b) for b in (
+        "dense", "tca+obs32 eps=0.1", "uniform+obs32+dense eps=0.1", "tca eps=0.1")}
+    assert rows[("tca+obs32+dense eps=0.1", "tca+obs32 eps=0.1")][0] == pytest.approx(100)
+    md = eval_suite.markdown(runs, eval_suite.summarize(runs))        # teacher-forced fidelity is dense's there
+    fid = {line.split(" | ")[0][2:]: line for line in md.split("## Fidelity")[1].split("\n## ")[0].splitlines()
+           if line.startswith("| ")}
+    assert fid["tca+obs32+dense eps=0.1"].startswith("| tca+obs32+dense eps=0.1 | (dense) | (dense) | 1.000 |")
+    assert "(dense)" not in fid["tca+obs32 eps=0.1"] and "by construction" in md
+
+
 def test_plan_widens_the_window_to_the_streaming_peers_share():
     """The wide-window runs keep at most the share of the StreamingLLM run they are paired with (expected at 8K),
     with a window wider than their budgets' own; the observe runs come first, at the peer budgets; --only picks runs
@@ -96,10 +118,14 @@ def test_plan_widens_the_window_to_the_streaming_peers_share():
         assert b.expected_kept(8192, window=r["window"]) <= cap < b.expected_kept(8192, window=r["window"] + b.block)
         assert r["name"] == f"tca w={r['window']} eps={r['eps']}"
     observing = [r for r in runs if r.get("observe")]       # on freed memory since --tca-observe works there
-    assert {r["name"] for r in observing} == {"tca+obs32 eps=0.07", "uniform+obs32 eps=0.07", "tca+obs32 eps=0.1",
-                                              "uniform+obs32 eps=0.1", "tca+obs32 eps=0.05"}
-    assert runs[1]["name"] == "tca+obs32 eps=0.07" and by["tca eps=0.07"]["budgets"] == runs[1]["budgets"]
+    assert {r["name"] for r in observing} == {f"{k}+obs32{d} eps={e}" for k in ("tca", "uniform")
+                                              for d in ("", "+dense") for e in (0.07, 0.1)} | {"tca+obs32 eps=0.05"}
+    assert [r["name"] for r in runs[1:5]] == ["tca+obs32 eps=0.07", "uniform+obs32 eps=0.07",
+                                              "tca+obs32+dense eps=0.07", "uniform+obs32+dense eps=0.07"]
+    assert by["tca eps=0.07"]["budgets"] == runs[1]["budgets"] == runs[3]["budgets"]
     assert by["uniform+obs32 eps=0.07"]["budgets"].endswith("uniform_w1024_eps0.07.json")
+    assert {r["name"] for r in observing if r.get("observe_prefill") == "dense"} == {
+        n for n in by if "+dense" in n}
     names = [wide[1]["name"], "dense"]
     assert [r["name"] for r in eval_suite.select_runs(runs, names)] == names
     with pytest.raises(SystemExit, match="no run of the plan.*'tca eps=9'"):

@@ -274,12 +274,14 @@ def test_hook_refuses_sglang_default_prefill_graph(sgl, model):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_config_env_roundtrip_and_errors():
     env: dict = {}
-    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random", observe=32, budgets_sha256="ab" * 32)
+    c = TCAConfig(budgets="/x/b.json", window=512, block=64, policy="random", observe=32, observe_prefill="dense",
+                  budgets_sha256="ab" * 32)
     c.to_env(env)
     assert TCAConfig.from_env(env) == c and TCAConfig.from_env({}) is None
     for bad in ("{", "[]", '{"windw": 3}', '{"version": 9}', '{"window": "big"}', '{"window": 0}', '{"block": 48}',
-                '{"policy": "oracle"}', '{"observe": -1}', '{"observe": 2.5}', '{"window": 256.0}',
-                '{"budgets_sha256": "abc"}', '{"budgets_sha256": "' + "AB" * 32 + '"}', '{"budgets_sha256": 5}'):
+                '{"policy": "oracle"}', '{"observe": -1}', '{"observe_prefill": "full"}', '{"observe": 2.5}',
+                '{"window": 256.0}', '{"budgets_sha256": "abc"}', '{"budgets_sha256": "' + "AB" * 32 + '"}',
+                '{"budgets_sha256": 5}'):
         with pytest.raises(TCAConfigError):
             TCAConfig.from_json(bad)
 
@@ -369,6 +371,8 @@ def test_model_without_budgets_errs_without_touching_the_embedded_model(sgl, tmp
 def test_resolve_overrides(model):
     rt = TCAConfig().resolve(model)
     assert (rt.window, rt.block, rt.sink) == (256, 64, 64)
+    assert (rt.observe, rt.observe_prefill) == (0, "sparse")
+    assert TCAConfig(observe=32, observe_prefill="dense").resolve(model).observe_prefill == "dense"
     with pytest.raises(TCAConfigError, match="--tca-block 32"):
         TCAConfig(block=32).resolve(model)
     with pytest.raises(TCAConfigError, match="multiple of the block"):
@@ -540,6 +544,8 @@ def _other_shape(tmp_path):
     ("observe_chunk", "--chunked-prefill-size 64 with --tca-observe 32 (a prompt's last chunk holds its last N "
                       "queries: at least N + block = 96)"),
     ("observe_streaming", "--tca-policy streaming with --tca-observe (streaming keeps no compressed token"),
+    ("observe_prefill_alone", "--tca-observe-prefill dense needs --tca-observe N > 0"),
+    ("bad_observe_prefill", "argument --tca-observe-prefill: invalid choice: 'full'"),
 ])
 def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
     argv = {
@@ -562,6 +568,8 @@ def test_cli_bad_input_is_one_line(model, tmp_path, capsys, case, match):
                           *SGLANG_FLAGS],
         "observe_streaming": ["--model", str(model), "--tca-observe", "32", "--tca-policy", "streaming",
                               *SGLANG_FLAGS],
+        "observe_prefill_alone": ["--model", str(model), "--tca-observe-prefill", "dense"],
+        "bad_observe_prefill": ["--model", str(model), "--tca-observe", "32", "--tca-observe-prefill", "full"],
     }[case]
     served = []
     rc, err = _run_main(argv, capsys, serve=lambda *a: served.append(a))

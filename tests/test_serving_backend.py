@@ -61,7 +61,8 @@ def make_model(d, keep_all=False):
 class Harness:
     """SGLang's memory objects and TCA's backend for a tiny model, plus a scheduler-shaped driver."""
 
-    def __init__(self, model_dir, *, budget_tokens=4096, dense_tokens=None, radix=True, seed=0, observe=0):
+    def __init__(self, model_dir, *, budget_tokens=4096, dense_tokens=None, radix=True, seed=0, observe=0,
+                 observe_prefill=None):
         from sglang.srt.layers.radix_attention import RadixAttention
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
         from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -77,8 +78,9 @@ class Harness:
         if dense_tokens is not None or observe:
             from sglang_tca.config import TCAConfig
 
-            TCAConfig(dense_tokens=dense_tokens, observe=observe or None).to_env()
+            TCAConfig(dense_tokens=dense_tokens, observe=observe or None, observe_prefill=observe_prefill).to_env()
         self.observe, self.observed = observe, {}       # id(req) -> per layer, the reference's observed choice
+        self.observe_prefill = observe_prefill or "sparse"
         args = ["--model-path", str(model_dir), "--load-format", "dummy", "--skip-tokenizer-init", "--device", "cpu",
                 "--attention-backend", "tca", "--page-size", str(B), "--radix-cache-backend", "tca",
                 "--chunked-prefill-size", "64", "--max-running-requests", "4", "--dtype", "float32",
@@ -127,16 +129,22 @@ class Harness:
 
     def reference(self, ids, start, layer, req=None):
         """What positions [start, len(ids)) of req's sequence see: the prefix-pure selection, or, in the forward that
-        ends an observing prefill and after it, `prompt_mask`'s question-aware choice."""
+        ends an observing prefill and after it, `prompt_mask`'s question-aware choice (observe_prefill "dense":
+        every forward of an observing prefill sees its whole prompt)."""
         from sglang_tca.algorithm import masked_attention, prompt_mask, select, visible, with_observed
         from sglang_tca.params import TCAParams
 
         q, k, v = (x.transpose(0, 1) for x in self.qkv(ids, layer))
         p = TCAParams(B, W)
         keep, _ = select(q, k, self.backend.thresholds[layer], p, layer=layer)
-        if len(ids) == getattr(req, "tca_observe_end", 0):
-            mask, observed = prompt_mask(q, k, keep, TCAParams(B, W, observe=self.observe), D ** -0.5, q_start=start)
+        end = getattr(req, "tca_observe_end", 0)
+        if len(ids) == end:
+            mask, observed = prompt_mask(q, k, keep, TCAParams(B, W, observe=self.observe,
+                                                               observe_prefill=self.observe_prefill),
+                                         D ** -0.5, q_start=start)
             self.observed.setdefault(id(req), {})[layer] = observed
+        elif len(ids) < end and self.observe_prefill == "dense":
+            mask = (torch.arange(len(ids))[None, :] <= torch.arange(start, len(ids))[:, None]).expand(HKV, -1, -1)
         else:
             if id(req) in self.observed:
                 keep = with_observed(keep, self.observed[id(req)][layer], B)
@@ -699,18 +707,20 @@ def observe_chunks(h, req, room=64):
     return out
 
 
+@pytest.mark.parametrize("observe_prefill", ["sparse", "dense"])
 @pytest.mark.parametrize("radix", [True, False], ids=["radix", "chunk_cache"])
-def test_an_observing_prompt_stays_dense_and_private_then_decodes_its_choice(harness, radix):
+def test_an_observing_prompt_stays_dense_and_private_then_decodes_its_choice(harness, radix, observe_prefill):
     """--tca-observe on freed memory inside SGLang's caches: an observing prompt matches nothing (its document is
     cached by an earlier request), frees no dense slot and inserts nothing until its end; in the forward that ends it
     the last N queries re-choose its compressed tokens (outputs = `algorithm.prompt_mask`, a choice other than the
     prefix-pure one), its records are rebuilt exactly, and decode reads them (= the reference with the observed
     choice) while SGLang's decode steps free its out-of-window dense slots. At finish nothing is inserted, and the
-    pools' invariants hold throughout."""
+    pools' invariants hold throughout. With --tca-observe-prefill dense every chunk of the prompt attends to the whole
+    prompt (the reference's causal mask) and the decode reads the same kind of choice."""
     from sglang_tca.algorithm import select
     from sglang_tca.params import TCAParams
 
-    h = harness(observe=8, radix=radix, dense_tokens=1024)
+    h = harness(observe=8, radix=radix, dense_tokens=1024, observe_prefill=observe_prefill)
     assert h.plan.observe == 8 and h.plan.observe_tokens >= 300
     doc = ids(50, 190)
     plain = h.new_request(doc[:40])                       # too short to observe (no compressed block at its end)
@@ -749,6 +759,36 @@ def test_an_observing_prompt_stays_dense_and_private_then_decodes_its_choice(har
     h.check()                                             # idle: records exactly for the cached pages
     left = h.tree.full_evictable_size()                   # plain's prefix, unless store pressure evicted it
     assert left in (0, cached) and h.store.n_records == left // B
+
+
+def test_a_dense_observing_prefill_batched_with_plain_ones_attends_in_a_group_of_its_own(harness, tmp_path):
+    """--tca-observe-prefill dense in mixed extend batches: an observing prompt's chunks (first, middle and last in
+    the batch) attend densely in a group of their own while a prompt too long to observe and a short one beside it
+    keep TCA's selection; every output and the decode after them equal the reference. The evaluation statistics
+    (SGLANG_TCA_STATS) count what the store keeps for it, not the dense prefill's whole prompt."""
+    h = harness(observe=8, dense_tokens=700, observe_prefill="dense")
+    h.backend._stats_path = str(tmp_path / "stats.jsonl")
+    assert 150 <= h.plan.observe_tokens < 250
+    long, obs, short = h.new_request(ids(81, 250)), h.new_request(ids(82, 150)), h.new_request(ids(83, 30))
+    assert (long.tca_observe_end, obs.tca_observe_end, short.tca_observe_end) == (0, 150, 0)
+    assert observe_chunks(h, obs) == [64, 64, 22]
+    errs, alone = [], []
+    for reqs, n in (([short, obs, long], [30, 64, 64]), ([obs, long], [64, 64]), ([long, obs], [64, 22]),
+                    ([long], [58])):
+        errs.append(h.extend(reqs, n))
+        alone.append([g[-1] is not None for g in h.backend._ext_groups])
+        h.check(running=[long, obs, short])
+    assert alone == [[False, True, False], [True, False], [False, True], [False]]
+    stats = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [x["seq_len"] for x in stats] == [30, 64, 64, 128, 128, 192, 150, 250]
+    assert stats[0]["kept"] == 1.0 and 0.5 < stats[6]["kept"] < 1.0          # at its end: sink + kept + window
+    for t in range(W + B):
+        errs.append(h.decode([short, obs, long], [t % VOCAB, (t + 5) % VOCAB, (t + 9) % VOCAB], graph=t % 2 == 0))
+    assert max(errs) < 1e-4, errs
+    assert obs.kv.swa_evicted_seqlen > 0                               # its prompt's dense slots were freed
+    for r in (short, obs, long):
+        h.finish(r)
+    h.check()
 
 
 def test_sglangs_prefill_adder_never_ends_an_observing_chunk_inside_its_last_n_tokens(harness):
@@ -799,12 +839,13 @@ def test_sglangs_prefill_adder_never_ends_an_observing_chunk_inside_its_last_n_t
     assert req.tca_observe_end == 0 and ends == [40]
 
 
-def test_observing_prompts_in_any_chunking_retracted_mid_prefill_or_in_flight_leak_nothing(harness):
+@pytest.mark.parametrize("observe_prefill", ["sparse", "dense"])
+def test_observing_prompts_in_any_chunking_retracted_mid_prefill_or_in_flight_leak_nothing(harness, observe_prefill):
     """An observing prompt gives the reference's outputs whatever SGLang's rounds hold (chunks of 64 or 24: the
     choice does not depend on the chunking); retracted after some chunks, or right after its observing forward was
     launched (the rebuilt records still in flight), it gives every page back, and re-admitted it matches nothing
     and prefills again."""
-    h = harness(observe=8, dense_tokens=1024)
+    h = harness(observe=8, dense_tokens=1024, observe_prefill=observe_prefill)
     prompt = ids(70, 196)
     for room in (64, 24):
         a = h.new_request(prompt)

@@ -18,7 +18,8 @@ Per layer, in extend (prefill chunks) and decode alike:
 With --tca-observe N, an extend that ends an observing prefill (`serving.observe`: the batch carries which, through
 patches/forward_batch_info_init_new.py) re-chooses that prompt's compressed tokens after each layer's pass
 (`observe.observe_layer`: its last N queries choose and attend again) and rebuilds its records after the last layer
-(`observe.rebuild`).
+(`observe.rebuild`); with --tca-observe-prefill dense every extend of an observing prefill attends to the whole
+prompt (`observe.DensePrefillLists`, in a group of its own) and the last N queries only choose.
 After the forward (`finish_forward`, from the TP worker patch) the rows each new record used are copied to the host;
 SGLang's result processing then settles the reservations (`patches/scheduler_process_batch_result.py`).
 Decode shapes are static, so decode CUDA graphs capture all of it.
@@ -42,7 +43,7 @@ from sglang_tca.kernels.kept_lists import kept_lists
 from sglang_tca.kernels.selection import select_blocks
 from sglang_tca.kernels.sparse_attention import tca_sparse_attention
 from sglang_tca.params import TCAParams, dense_start
-from sglang_tca.serving.observe import ObservingPrompt, observe_layer, rebuild
+from sglang_tca.serving.observe import DensePrefillLists, ObservingPrompt, observe_layer, rebuild
 from sglang_tca.serving.pool import TCAKVPool
 from sglang_tca.serving.selection import block_end_rows, decode_block_ends
 
@@ -60,7 +61,8 @@ class TCAAttnBackend(TritonAttnBackend):
         tp_rank, tp_size = get_parallel().attn_tp_rank, get_parallel().attn_tp_size
         budgets = rt.for_rank(tp_rank, tp_size)
         self.block, self.window, self.policy = rt.block, rt.window, rt.policy   # block <= 64: budgets.server_limits
-        self.params = TCAParams(rt.block, rt.window, policy=rt.policy, observe=rt.observe)
+        self.params = TCAParams(rt.block, rt.window, policy=rt.policy, observe=rt.observe,
+                                observe_prefill=rt.observe_prefill)
         dev = model_runner.device
         self.kv_heads = torch.tensor(list(rt.budgets.rank_kv_heads(tp_rank, tp_size)), device=dev)  # global ids
         self.thresholds = budgets.thresholds.to(dev)                                    # [L, Hkv_local, Kn-1]
@@ -86,6 +88,9 @@ class TCAAttnBackend(TritonAttnBackend):
         self._pending = []                               # this forward's reservations (CompressedStore.Pending)
         self._observing: list[ObservingPrompt] = []      # this extend's prefills that observe at its end
         self._stats_path = os.environ.get(STATS_ENV) if tp_rank == 0 else None
+        if rt.observe:
+            logger.info(f"TCA --tca-observe {rt.observe}: observing prompts attend {rt.observe_prefill}ly in prefill "
+                        f"(--tca-observe-prefill {rt.observe_prefill})")
 
     # -- per batch ------------------------------------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs, max_num_tokens, *args, **kwargs):
@@ -145,13 +150,14 @@ class TCAAttnBackend(TritonAttnBackend):
                                 dense_slots=dense_slots, dense_first=first.int(), block_pages=block_pages,
                                 dense_loc=loc)
 
-    def _groups(self, seq_lens: list[int], capacity: int) -> list[tuple[int, int]]:
+    def _groups(self, seq_lens: list[int], capacity: int, alone=()) -> list[tuple[int, int]]:
         """Consecutive requests [a, b) whose kept lists (at most length x KV heads entries each) fit `capacity`
-        together; one request always fits (the buffers hold a full context)."""
+        together; one request always fits (the buffers hold a full context). The requests in `alone` get a group
+        of their own."""
         groups, start, used = [], 0, 0
         for i, n in enumerate(seq_lens):
             need = n * self.num_kv_head
-            if used + need > capacity and i > start:
+            if i > start and (used + need > capacity or i in alone or i - 1 in alone):
                 groups.append((start, i))
                 start, used = i, 0
             used += need
@@ -179,11 +185,20 @@ class TCAAttnBackend(TritonAttnBackend):
             return
         ext, seq = list(fb.extend_seq_lens_cpu), fb.seq_lens_cpu.tolist()
         qo = [0, *itertools.accumulate(ext)]
-        self._ext_groups = []                          # (requests a..b, their tokens t0..t1, qo_indptr, bounds)
-        for a, b in self._groups(seq, self._kept_pos.numel()):
+        dense = self._dense_prefills(fb, seq)
+        self._ext_groups = []          # (requests a..b, their tokens t0..t1, qo_indptr, bounds, DensePrefillLists)
+        for a, b in self._groups(seq, self._kept_pos.numel(), alone=dense):
             indptr = torch.tensor([x - qo[a] for x in qo[a:b + 1]], dtype=torch.int32)
             indptr = indptr.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else indptr
-            self._ext_groups.append((a, b, qo[a], qo[b], indptr, max(ext[a:b]), max(seq[a:b])))
+            self._ext_groups.append((a, b, qo[a], qo[b], indptr, max(ext[a:b]), max(seq[a:b]), dense.get(a)))
+
+    def _dense_prefills(self, fb, seq: list[int]) -> dict[int, DensePrefillLists]:
+        """--tca-observe-prefill dense: the batch's observing prefills (any chunk up to their end, where every token
+        is still dense), by batch index, with the kept lists that attend them densely."""
+        if self.params.observe_prefill != "dense":
+            return {}
+        return {i: DensePrefillLists(self.l2d, self.req_to_token, row, seq[i], self.num_kv_head, self.params)
+                for i, row, end in getattr(fb, "tca_observe", ()) if seq[i] <= end}
 
     def _observing_prompts(self, fb) -> list[ObservingPrompt]:
         """The batch's prefills whose extend ends where they observe (`req.tca_observe_end`, carried by the batch)."""
@@ -232,7 +247,8 @@ class TCAAttnBackend(TritonAttnBackend):
     def _record_kept(self, layer, fb, kept_indptr):
         """Evaluation statistics (SGLANG_TCA_STATS): the share of each request's KV its last token sees (sink + kept +
         dense window) over its length, mean over layers and KV heads; one JSON line per request after the last
-        layer. kept_indptr None means the batch ran dense."""
+        layer. kept_indptr None means the batch ran dense. A prompt attended densely under --tca-observe-prefill dense
+        counts what the store keeps for it (what its decode will see), not the whole prompt its last token saw."""
         n = fb.seq_lens.float()
         seen = n[:, None].expand(-1, self.num_kv_head)
         if kept_indptr is not None:
@@ -261,16 +277,19 @@ class TCAAttnBackend(TritonAttnBackend):
             o = torch.empty_like(q)
             ov = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
             counts = []
-            for a, b, t0, t1, indptr, max_q, max_len in self._ext_groups:
+            for a, b, t0, t1, indptr, max_q, max_len, dense in self._ext_groups:
                 rows = fb.req_pool_indices[a:b]
-                kept_indptr = kept_lists(self.store, l, self.req_to_token, rows, fb.seq_lens[a:b] - 1, self.window,
-                                         self._kept_row, max_len, self._kept_pos)
+                if dense is None or self._stats_path:     # (the statistics count the store's rows, not the dense)
+                    kept_indptr = kept_lists(self.store, l, self.req_to_token, rows, fb.seq_lens[a:b] - 1,
+                                             self.window, self._kept_row, max_len, self._kept_pos)
+                    if self._stats_path:
+                        counts.append(kept_indptr.diff())
+                lists = (kept_indptr, self._kept_row, self._kept_pos) if dense is None else \
+                    dense.lists(self.plan.dense_base(l))
                 tca_sparse_attention(qv[t0:t1], self.pool.arena_k, self.pool.arena_v, self.plan.dense_base(l),
                                      self.num_kv_head, self.l2d, self.req_to_token, rows, fb.extend_prefix_lens[a:b],
-                                     indptr, kept_indptr, self._kept_row, self._kept_pos, self.block, self.window,
-                                     layer.scaling, out=ov[t0:t1], max_q_len=max_q)
-                if self._stats_path:
-                    counts.append(kept_indptr.diff())
+                                     indptr, *lists, self.block, self.window, layer.scaling, out=ov[t0:t1],
+                                     max_q_len=max_q)
             if self._stats_path:
                 kept_indptr = torch.nn.functional.pad(torch.cat(counts).cumsum(0), (1, 0))
             if self._observing:

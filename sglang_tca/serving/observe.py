@@ -15,6 +15,9 @@ After the last layer's (`rebuild`): the new records' row counts come to the host
 synchronisation), the store replaces the old records by exact new ones (`CompressedStore.replace_records`) and the
 compaction runs again for every layer, from the dense slots. The next forwards (decode) read the chosen tokens from
 the store.
+With --tca-observe-prefill dense (SnapKV's way), every extend of an observing prompt attends to the whole prompt
+instead of the prefix-pure selection (`DensePrefillLists`; the prefix-pure records are still made, for their counts),
+and step 4 is left out: only the decode reads the choice.
 The scheduler's side (`ObserveRule`, used by sglang_tca/serving/radix.py and the PrefillAdder patches) decides
 from lengths alone, so identically on every rank: which prefills observe, and where their chunks may end.
 Tests: tests/test_serving_pipeline.py (against `algorithm.prompt_mask`, dense slots freed and poisoned after),
@@ -115,11 +118,32 @@ def _dense_rows(l2d, req_to_token, prompt: ObservingPrompt, dense_base: int, hkv
     return dense_base + slots[:, None] * hkv + torch.arange(hkv, device=slots.device)
 
 
+class DensePrefillLists:
+    """--tca-observe-prefill dense: the kept lists under which `tca_sparse_attention` attends one observing prompt's
+    extend densely. Every position below the dense start of the extend's last query, of every KV head, at its dense
+    row (all of them are still dense); the kernel's per-query bounds give each earlier query its own causal part, so
+    each query sees its whole prefix. Built once per forward; `lists(dense_base)` per layer."""
+
+    def __init__(self, l2d: torch.Tensor, req_to_token: torch.Tensor, row: int, length: int, hkv: int,
+                 p: TCAParams):
+        n = 0 if length < p.block else int(dense_start(length, p.block, p.window))   # no sink yet: all of it dense
+        dev = req_to_token.device
+        slots = l2d[req_to_token[row, :n].long()].long()
+        self._rows = (slots[None, :] * hkv + torch.arange(hkv, device=dev)[:, None]).flatten()     # (head, position)
+        self.kept_pos = torch.arange(n, dtype=torch.int32, device=dev).repeat(hkv)
+        self.kept_indptr = torch.arange(hkv + 1, dtype=torch.int32, device=dev) * n
+
+    def lists(self, dense_base: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept_indptr, kept_row, kept_pos) of this layer."""
+        return self.kept_indptr, (self._rows + dense_base).int(), self.kept_pos
+
+
 def observe_layer(q: torch.Tensor, out: torch.Tensor, layer: int, prompt: ObservingPrompt, *,
                   store: CompressedStore, arena_k: torch.Tensor, arena_v: torch.Tensor, dense_base: int,
                   l2d: torch.Tensor, req_to_token: torch.Tensor, p: TCAParams, scale: float) -> None:
     """Steps 1-4 of the module docstring for one prompt and one layer. q [T, Hq, D] and out [T, Hq, Dv] are the
-    forward's packed queries and this layer's attention outputs (the prompt's last N rows are overwritten)."""
+    forward's packed queries and this layer's attention outputs (the prompt's last N rows are overwritten; with
+    p.observe_prefill "dense" they already attended to the whole prompt and stay: only the choice is written)."""
     pages = compressed_pages(req_to_token, prompt, p)
     if pages.numel() == 0:                            # nothing compressed: the prefix-pure pass is the answer
         return
@@ -130,6 +154,8 @@ def observe_layer(q: torch.Tensor, out: torch.Tensor, layer: int, prompt: Observ
     counts = unpack_bits(store.mask[pages, layer], b).sum((0, 2))                  # [Hkv]
     chosen = observe_keep(q_obs.transpose(0, 1), k, counts, p, scale)              # [Hkv, nc * b]
     store.mask[pages, layer] = pack_bits(chosen.view(hkv, -1, b)).transpose(0, 1)
+    if p.observe_prefill == "dense":
+        return
     keep = torch.cat([chosen.new_ones(hkv, b), chosen], 1)                          # the sink, then the choice
     kept_row, kept_pos, kept_indptr = _kept_lists(keep, rows)
     dev = q.device                                     # the request's row, first query and offsets, made on the device
