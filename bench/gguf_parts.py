@@ -6,6 +6,8 @@ There:  call 1 carries [".gguf-a"]: python3 bench/gguf_parts.py stash .gguf-a   
         call 3 carries [".gpu"]:    python3 bench/gguf_parts.py join OUT_DIR           (joins, checks sha256, converts
                                                                                          to an HF folder in OUT_DIR)
 Back-to-back calls: the machine keeps /tmp only while it stays warm (~30 s after a call).
+`stash DIR` works for any carried folder (e.g. `.eval`: /tmp/gguf-parts/.eval.prompts.jsonl.xz), so a detached job
+started earlier can wait for it (README: several jobs on one machine start).
 """
 from __future__ import annotations
 
