@@ -287,3 +287,54 @@ def test_released_records_return_their_pages():
     srv.store.release(pages)
     assert srv.store.n_records == 0 and srv.store.free_pages > free0
     srv.store.check(live_logical_pages=np.zeros(0, dtype=np.int64))
+
+
+def _dense_prefill_case(length, q_start, hkv, g, d, b, w, dtype, device, seed):
+    """One request whose every token is at a shuffled dense slot: (q, arena_k, arena_v, l2d, r2t, causal reference)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    slots_n, base, row = length + 3 * b, 5, 1
+    l2d = torch.randperm(slots_n, generator=gen, device=device)[:length + b] + 1
+    r2t = torch.zeros(3, length + b, dtype=torch.int32, device=device)
+    r2t[row] = torch.randperm(length + b, generator=gen, device=device).int()
+    arena_k = torch.randn(base + (slots_n + 2) * hkv, d, generator=gen, device=device).to(dtype)
+    arena_v = torch.randn(base + (slots_n + 2) * hkv, d, generator=gen, device=device).to(dtype)
+    q = torch.randn(length - q_start, hkv * g, d, generator=gen, device=device).to(dtype)
+    rows = base + l2d[r2t[row, :length].long()][None, :] * hkv + torch.arange(hkv, device=device)[:, None]
+    k, v = arena_k[rows].float().repeat_interleave(g, 0), arena_v[rows].float().repeat_interleave(g, 0)
+    causal = torch.arange(length, device=device)[None, :] <= torch.arange(q_start, length, device=device)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(0, 1), k, v, attn_mask=causal,
+                                                            scale=d ** -0.5).transpose(0, 1)
+    return q, arena_k, arena_v, l2d, r2t, row, base, want
+
+
+def _dense_prefill_attention(q, arena_k, arena_v, l2d, r2t, row, base, length, q_start, hkv, b, w):
+    from sglang_tca.serving.observe import DensePrefillLists
+
+    lists = DensePrefillLists(l2d, r2t, row, length, hkv, TCAParams(b, w))
+    dev = q.device
+    return tca_sparse_attention(q, arena_k, arena_v, base, hkv, l2d, r2t, torch.tensor([row], device=dev),
+                                torch.tensor([q_start], device=dev),
+                                torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev),
+                                *lists.lists(base), b, w, q.shape[-1] ** -0.5, max_q_len=q.shape[0])
+
+
+@pytest.mark.parametrize("length,q_start", [(5, 0), (9, 3), (41, 40), (150, 0), (150, 100), (256, 190)])
+def test_dense_prefill_lists_give_each_query_its_whole_causal_prefix(length, q_start):
+    """--tca-observe-prefill dense: `observe.DensePrefillLists` under `tca_sparse_attention` (the kernel's per-query
+    bounds, its dense range, the sink) is exact causal attention over the request's dense slots, for a chunk at any
+    offset, a request shorter than a block included."""
+    q, ak, av, l2d, r2t, row, base, want = _dense_prefill_case(length, q_start, HKV, HQ // HKV, D, B, W,
+                                                               torch.float32, "cpu", seed=length + q_start)
+    out = _dense_prefill_attention(q, ak, av, l2d, r2t, row, base, length, q_start, HKV, B, W)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_dense_prefill_lists_8k():
+    """The same in bf16 at Llama-3.1-8B's heads: the last 2K-token chunk of an 8K observing prompt, and its first."""
+    for length, q_start in ((8192, 6144), (2048, 0)):
+        q, ak, av, l2d, r2t, row, base, want = _dense_prefill_case(length, q_start, 8, 4, 128, 64, 1024,
+                                                                   torch.bfloat16, "cuda", seed=length)
+        out = _dense_prefill_attention(q, ak, av, l2d, r2t, row, base, length, q_start, 8, 64, 1024)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
