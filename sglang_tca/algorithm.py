@@ -218,15 +218,13 @@ def prompt_mask(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, p: TCAPara
     lk = k.shape[1]
     q_pos = torch.arange(q_start, lk, device=q.device)
     n_obs = min(p.observe, lk)
-    if n_obs and p.observe_prefill == "dense":
-        mask = (torch.arange(lk, device=q.device)[None, :] <= q_pos[:, None]).expand(keep.shape[0], -1, -1).clone()
-    else:
-        mask = visible(keep, q_pos, lk, p)
+    dense = n_obs > 0 and p.observe_prefill == "dense"             # every token kept: the causal mask
+    mask = visible(torch.ones_like(keep) if dense else keep, q_pos, lk, p)
     if n_obs == 0:
         return mask, None
     ds = int(dense_start(lk, p.block, p.window))
     observed = choose(observe_scores(q[:, lk - n_obs:], k, p, scale, pool), keep[:, p.block:ds].sum(-1))
-    if p.observe_prefill != "dense":
+    if not dense:
         tail = torch.arange(max(q_start, lk - n_obs), lk, device=q.device)
         mask[:, tail - q_start] = visible(with_observed(keep, observed, p.block), tail, lk, p)
     return mask, observed

@@ -112,9 +112,9 @@ def compressed_pages(req_to_token: torch.Tensor, prompt: ObservingPrompt, p: TCA
     return req_to_token[prompt.row, cols].long() // p.block
 
 
-def _dense_rows(l2d, req_to_token, prompt: ObservingPrompt, dense_base: int, hkv: int) -> torch.Tensor:
-    """[n0, Hkv] arena rows of the prompt's dense K/V (every position is still dense)."""
-    slots = l2d[req_to_token[prompt.row, :prompt.length].long()].long()
+def _dense_rows(l2d, req_to_token, row: int, length: int, dense_base: int, hkv: int) -> torch.Tensor:
+    """[length, Hkv] arena rows of the dense K/V of request row `row`'s first `length` positions (all still dense)."""
+    slots = l2d[req_to_token[row, :length].long()].long()
     return dense_base + slots[:, None] * hkv + torch.arange(hkv, device=slots.device)
 
 
@@ -128,8 +128,7 @@ class DensePrefillLists:
                  p: TCAParams):
         n = 0 if length < p.block else int(dense_start(length, p.block, p.window))   # no sink yet: all of it dense
         dev = req_to_token.device
-        slots = l2d[req_to_token[row, :n].long()].long()
-        self._rows = (slots[None, :] * hkv + torch.arange(hkv, device=dev)[:, None]).flatten()     # (head, position)
+        self._rows = _dense_rows(l2d, req_to_token, row, n, 0, hkv).t().flatten()          # (head, position)
         self.kept_pos = torch.arange(n, dtype=torch.int32, device=dev).repeat(hkv)
         self.kept_indptr = torch.arange(hkv + 1, dtype=torch.int32, device=dev) * n
 
@@ -148,7 +147,7 @@ def observe_layer(q: torch.Tensor, out: torch.Tensor, layer: int, prompt: Observ
     if pages.numel() == 0:                            # nothing compressed: the prefix-pure pass is the answer
         return
     hkv, n_obs, b = store.mask.shape[2], p.observe, p.block
-    rows = _dense_rows(l2d, req_to_token, prompt, dense_base, hkv)                 # [n0, Hkv]
+    rows = _dense_rows(l2d, req_to_token, prompt.row, prompt.length, dense_base, hkv)        # [n0, Hkv]
     k = arena_k[rows].transpose(0, 1)                                              # [Hkv, n0, D]
     q_obs = q[prompt.q_end - n_obs:prompt.q_end]                                   # [N, Hq, D]
     counts = unpack_bits(store.mask[pages, layer], b).sum((0, 2))                  # [Hkv]
